@@ -1,0 +1,383 @@
+"""The gravity problem: forward model, data, prior, likelihood, posterior, and its Laplace approximation.
+
+Forward model (Blakely 1995, *Potential Theory in Gravity and Magnetic Applications*, eq. 7.2 for a
+sphere, which acts as a point mass at its centre)::
+
+    g(x) = G * drho * (4/3) * pi * R**3 * z / (z**2 + (x - x0)**2)**(3/2) * 1e8      [µGal]
+
+Inputs and units: stations ``x`` in m along the profile; ``x0`` the sphere's horizontal position (m),
+``z`` the depth of its centre below the profile (m, positive down), ``R`` its radius (m); density
+contrast ``drho`` in kg/m³; ``G`` in m³ kg⁻¹ s⁻². Output: the vertical component of the anomaly in
+µGal (1 µGal = 1e-8 m/s², hence the factor 1e8), positive (downward pull) for a positive contrast.
+
+The three unknowns are ``theta = (x0, z, R)``, always in that order (:data:`PARAMETERS`). The
+posterior is a Gaussian likelihood times a uniform prior on a box; flows work on unconstrained
+``u`` in R^3, mapped onto the box by :class:`BoxBijection`.
+"""
+
+import csv
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import optimize
+
+G = 6.674e-11  # m^3 kg^-1 s^-2
+MICROGAL_PER_SI = 1e8
+PARAMETERS = ("x0", "z", "R")
+LABELS = ("x0 (m)", "z (m)", "R (m)")
+
+DEFAULT_TRUTH = (3.0, 6.0, 2.0)
+DEFAULT_DENSITY = 2500.0  # kg/m^3
+DEFAULT_NOISE_SD = 1.0  # µGal
+DEFAULT_NOISE_SEED = 42
+DEFAULT_STATIONS = dict(start=-20.0, stop=20.0, num=1000)  # m
+#: The original MCMC's prior box, rows (x0, z, R), columns (low, high), in m.
+DEFAULT_BOUNDS = ((0.0, 10.0), (1.0, 15.0), (0.5, 5.0))
+
+
+class DataError(ValueError):
+    """Bad input data or options; scripts report it as one line on stderr and exit with status 2."""
+
+
+def sphere_anomaly(stations, theta, density=DEFAULT_DENSITY):
+    """Vertical gravity anomaly (µGal) of buried spheres at the stations.
+
+    ``stations``: (n,) positions in m. ``theta``: (..., 3) sets of (x0, z, R) in m, numpy array or
+    torch tensor (then differentiable, with the tensor's dtype and device). Returns (..., n).
+    """
+    if isinstance(theta, torch.Tensor):
+        stations = torch.as_tensor(stations, dtype=theta.dtype, device=theta.device)
+    x0, z, radius = theta[..., 0:1], theta[..., 1:2], theta[..., 2:3]
+    mass_factor = G * density * (4.0 / 3.0) * math.pi * MICROGAL_PER_SI
+    return mass_factor * radius**3 * z / (z**2 + (stations - x0) ** 2) ** 1.5
+
+
+def sphere_anomaly_gradient(stations, theta, density=DEFAULT_DENSITY):
+    """d g / d theta at each station, numpy: (..., n, 3), for the quasi-Newton MAP search."""
+    x0, z, radius = theta[..., 0:1], theta[..., 1:2], theta[..., 2:3]
+    offset = stations - x0
+    r2 = z**2 + offset**2
+    g = G * density * (4.0 / 3.0) * math.pi * MICROGAL_PER_SI * radius**3 * z / r2**1.5
+    d_x0 = g * 3.0 * offset / r2
+    d_z = g * (1.0 / z - 3.0 * z / r2)
+    d_radius = g * 3.0 / radius
+    return np.stack([d_x0, d_z, d_radius], axis=-1)
+
+
+def gaussian_misfit(predicted, observed, weights):
+    """-0.5 * sum(weights * (observed - predicted)**2) over stations; numpy or torch."""
+    return -0.5 * ((observed - predicted) ** 2 * weights).sum(-1)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A gravity profile and the prior box: everything the posterior needs.
+
+    ``noise_sd`` is a float (µGal, every station) or an (n,) array (per station).
+    ``bounds`` is (3, 2): rows x0, z, R; columns low, high (m). ``truth`` is known only for
+    synthetic data. ``source`` describes where the data came from (for summary.json).
+    """
+
+    stations: np.ndarray
+    g_obs: np.ndarray
+    noise_sd: object
+    density: float = DEFAULT_DENSITY
+    bounds: np.ndarray = field(default_factory=lambda: np.array(DEFAULT_BOUNDS))
+    truth: object = None
+    source: dict = field(default_factory=dict)
+
+    @property
+    def n_stations(self):
+        return self.stations.size
+
+    @property
+    def noise_sd_array(self):
+        return np.broadcast_to(np.asarray(self.noise_sd, dtype=float), self.stations.shape)
+
+    @property
+    def log_prior_density(self):
+        """log of the uniform prior density inside the box."""
+        return -float(np.sum(np.log(self.bounds[:, 1] - self.bounds[:, 0])))
+
+    @property
+    def log_likelihood_constant(self):
+        """The Gaussian normalising constant, -n/2 log(2 pi) - sum log sigma."""
+        return -0.5 * self.n_stations * math.log(2 * math.pi) - float(np.sum(np.log(self.noise_sd_array)))
+
+    def predict(self, theta):
+        return sphere_anomaly(self.stations, theta, self.density)
+
+    def inside(self, theta):
+        theta = np.asarray(theta)
+        return np.all((theta >= self.bounds[:, 0]) & (theta <= self.bounds[:, 1]), axis=-1)
+
+    def misfit(self, theta):
+        """Unnormalised log-likelihood, -0.5 * sum(((d - g) / sigma)**2), numpy, batched."""
+        return gaussian_misfit(self.predict(theta), self.g_obs, self.noise_sd_array**-2.0)
+
+    def log_likelihood(self, theta):
+        """Normalised Gaussian log-likelihood, numpy, batched over leading axes."""
+        return self.misfit(theta) + self.log_likelihood_constant
+
+    def log_posterior(self, theta):
+        """Unnormalised log-posterior, numpy, batched: log-likelihood + log prior; -inf outside the box."""
+        theta = np.asarray(theta, dtype=float)
+        inside = self.inside(theta)
+        safe = np.where(inside[..., None], theta, self.bounds.mean(axis=1))
+        return np.where(inside, self.log_likelihood(safe) + self.log_prior_density, -np.inf)
+
+    def rms_misfit(self, theta):
+        """Root-mean-square residual (µGal) of each parameter set, to compare with the noise level."""
+        return np.sqrt(np.mean((self.g_obs - self.predict(np.asarray(theta))) ** 2, axis=-1))
+
+
+def synthetic_problem(
+    truth=DEFAULT_TRUTH,
+    noise_sd=DEFAULT_NOISE_SD,
+    density=DEFAULT_DENSITY,
+    bounds=DEFAULT_BOUNDS,
+    noise_seed=DEFAULT_NOISE_SEED,
+):
+    """The default data set: 1000 stations on [-20, 20] m, noise from its own seeded generator."""
+    stations = np.linspace(**DEFAULT_STATIONS)
+    truth = np.asarray(truth, dtype=float)
+    rng = np.random.default_rng(noise_seed)
+    g_obs = sphere_anomaly(stations, truth, density) + rng.normal(0.0, noise_sd, size=stations.shape)
+    return Problem(
+        stations=stations,
+        g_obs=g_obs,
+        noise_sd=float(noise_sd),
+        density=float(density),
+        bounds=np.asarray(bounds, dtype=float),
+        truth=truth,
+        source={"kind": "synthetic", "noise_seed": int(noise_seed), "truth": truth.tolist()},
+    )
+
+
+def read_profile(path):
+    """Read a profile CSV with a header row: columns ``x`` (m), ``g`` (µGal), optional ``sigma`` (µGal).
+
+    Returns ``(stations, g_obs, sigma_or_None)`` sorted by station. Raises :class:`DataError`, naming
+    the line and column, for anything that is not a usable profile.
+    """
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.reader(handle))
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read data file {path}: {error}") from None
+    rows = [row for row in rows if any(cell.strip() for cell in row)]
+    if not rows:
+        raise DataError(f"data file {path} is empty; expected a header row 'x,g[,sigma]' and one row per station")
+    header = [cell.strip().lower() for cell in rows[0]]
+    for column in ("x", "g"):
+        if column not in header:
+            raise DataError(
+                f"data file {path}: no '{column}' column in the header row {rows[0]!r}; "
+                "expected a header 'x,g[,sigma]' (x in m, g and sigma in µGal)"
+            )
+    columns = ["x", "g"] + (["sigma"] if "sigma" in header else [])
+    index = {name: header.index(name) for name in columns}
+    values = {name: [] for name in columns}
+    for line_number, row in enumerate(rows[1:], start=2):
+        for name in columns:
+            try:
+                value = float(row[index[name]])
+            except (IndexError, ValueError):
+                cell = row[index[name]] if index[name] < len(row) else ""
+                raise DataError(f"data file {path}, line {line_number}, column '{name}': not a number: {cell!r}") from None
+            if not math.isfinite(value):
+                raise DataError(f"data file {path}, line {line_number}, column '{name}': value is {value}")
+            values[name].append(value)
+    stations = np.array(values["x"])
+    if stations.size < 4:
+        raise DataError(f"data file {path} has {stations.size} stations; at least 4 are needed for 3 unknowns")
+    if np.unique(stations).size != stations.size:
+        duplicate = stations[np.argmax([np.sum(stations == s) > 1 for s in stations])]
+        raise DataError(f"data file {path}: station x = {duplicate:g} m appears more than once")
+    sigma = np.array(values["sigma"]) if "sigma" in values else None
+    if sigma is not None and np.any(sigma <= 0):
+        line = 2 + int(np.argmax(sigma <= 0))
+        raise DataError(f"data file {path}, line {line}, column 'sigma': must be > 0")
+    order = np.argsort(stations)
+    return stations[order], np.array(values["g"])[order], (None if sigma is None else sigma[order])
+
+
+def check_bounds(bounds):
+    """Validate a (3, 2) prior box; raise DataError with a clear message."""
+    bounds = np.asarray(bounds, dtype=float).reshape(3, 2)
+    for name, (low, high) in zip(PARAMETERS, bounds):
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise DataError(f"--bounds for {name} must be finite numbers, got {low:g} {high:g}")
+        if low >= high:
+            raise DataError(f"--bounds: the lower bound of {name} ({low:g}) must be below its upper bound ({high:g})")
+    for name, low in zip(PARAMETERS[1:], bounds[1:, 0]):
+        if low <= 0:
+            raise DataError(f"--bounds: the lower bound of {name} must be > 0 m, got {low:g}")
+    return bounds
+
+
+class TorchLikelihood(torch.nn.Module):
+    """The normalised Gaussian log-likelihood as a differentiable torch function of theta (..., 3).
+
+    The data live in buffers, so ``.to(device, dtype)`` moves them once instead of at every call.
+    """
+
+    def __init__(self, problem):
+        super().__init__()
+        self.density = problem.density
+        self.constant = problem.log_likelihood_constant
+        self.register_buffer("stations", torch.as_tensor(problem.stations))
+        self.register_buffer("g_obs", torch.as_tensor(problem.g_obs))
+        self.register_buffer("weights", torch.as_tensor(np.array(problem.noise_sd_array**-2.0)))
+
+    def forward(self, theta):
+        predicted = sphere_anomaly(self.stations, theta, self.density)
+        return gaussian_misfit(predicted, self.g_obs, self.weights) + self.constant
+
+
+# ----------------------------------------------------------------------------------------------
+# The unconstrained space: theta = lo + (hi - lo) * sigmoid(u)
+
+
+class BoxBijection(torch.nn.Module):
+    """Fixed bijection from u in R^3 onto the prior box, theta = lo + (hi - lo) * sigmoid(u).
+
+    ``forward(u) -> (theta, log|det dtheta/du|)`` with
+    log|det| = sum_i [log(hi_i - lo_i) - softplus(u_i) - softplus(-u_i)], finite for any u;
+    ``inverse(theta) -> (u, log|det du/dtheta|)``. Samples never leave the (closed) box.
+    """
+
+    def __init__(self, bounds):
+        super().__init__()
+        bounds = torch.as_tensor(np.asarray(bounds, dtype=float))
+        self.register_buffer("low", bounds[:, 0].clone())
+        self.register_buffer("width", (bounds[:, 1] - bounds[:, 0]).clone())
+
+    def forward(self, u):
+        low, width = self.low.to(u.dtype), self.width.to(u.dtype)
+        theta = low + width * torch.sigmoid(u)
+        theta = torch.minimum(theta, low + width)  # guard against rounding above hi
+        log_det = (torch.log(width) - torch.nn.functional.softplus(u) - torch.nn.functional.softplus(-u)).sum(-1)
+        return theta, log_det
+
+    def inverse(self, theta):
+        low, width = self.low.to(theta.dtype), self.width.to(theta.dtype)
+        fraction = (theta - low) / width
+        u = torch.logit(fraction)
+        return u, -self.forward(u)[1]
+
+
+def to_unconstrained(problem, theta):
+    """numpy: u such that theta = lo + (hi - lo) * sigmoid(u)."""
+    fraction = (np.asarray(theta) - problem.bounds[:, 0]) / (problem.bounds[:, 1] - problem.bounds[:, 0])
+    return np.log(fraction) - np.log1p(-fraction)
+
+
+def to_box(problem, u):
+    """numpy: theta = lo + (hi - lo) * sigmoid(u), and dtheta/du per coordinate."""
+    sig = 0.5 * (1.0 + np.tanh(0.5 * np.asarray(u)))
+    width = problem.bounds[:, 1] - problem.bounds[:, 0]
+    return problem.bounds[:, 0] + width * sig, width * sig * (1.0 - sig)
+
+
+def log_posterior_u(problem, u):
+    """numpy log-density of u (unnormalised): log L(theta(u)) + log prior + log|dtheta/du| = misfit - softplus(u) - softplus(-u)."""
+    theta, _ = to_box(problem, u)
+    return problem.misfit(theta) - np.sum(np.logaddexp(0.0, u) + np.logaddexp(0.0, -u), axis=-1)
+
+
+def _misfit_and_gradient(problem, theta):
+    residual = problem.g_obs - problem.predict(theta)
+    weighted = residual * problem.noise_sd_array**-2.0
+    return -0.5 * np.sum(residual * weighted), weighted @ sphere_anomaly_gradient(problem.stations, theta, problem.density)
+
+
+def _log_posterior_u_and_gradient(problem, u, with_jacobian):
+    theta, dtheta_du = to_box(problem, u)
+    value, gradient = _misfit_and_gradient(problem, theta)
+    gradient = gradient * dtheta_du
+    if with_jacobian:
+        value -= np.sum(np.logaddexp(0.0, u) + np.logaddexp(0.0, -u))
+        gradient += 1.0 - 2.0 * 0.5 * (1.0 + np.tanh(0.5 * u))
+    return value, gradient
+
+
+def _hessian(gradient, point, relative_step=1e-5):
+    """Hessian by central differences of an exact gradient (symmetrised)."""
+    step = relative_step * np.maximum(1.0, np.abs(point))
+    columns = []
+    for i in range(point.size):
+        shift = np.zeros_like(point)
+        shift[i] = step[i]
+        columns.append((gradient(point + shift) - gradient(point - shift)) / (2 * step[i]))
+    hessian = np.array(columns)
+    return 0.5 * (hessian + hessian.T)
+
+
+@dataclass(frozen=True)
+class Laplace:
+    """The Laplace approximation: the MAP and the inverse Hessian, in parameter space and in u-space.
+
+    ``theta_map``/``theta_cov``: mode and covariance of the posterior of theta (box prior is flat).
+    ``u_map``/``u_cov``: mode and covariance of the posterior density of u (Jacobian included),
+    which the flows standardise by. ``on_bound`` names parameters whose mode sits on a prior bound.
+    """
+
+    theta_map: np.ndarray
+    theta_cov: np.ndarray
+    u_map: np.ndarray
+    u_cov: np.ndarray
+    log_posterior_max: float
+    on_bound: tuple
+
+    @property
+    def theta_sd(self):
+        return np.sqrt(np.diag(self.theta_cov))
+
+
+def _minimise(problem, starts_u, with_jacobian):
+    def objective(u):
+        value, gradient = _log_posterior_u_and_gradient(problem, u, with_jacobian)
+        return -value, -gradient
+
+    best = None
+    for start in starts_u:
+        result = optimize.minimize(objective, start, jac=True, method="BFGS", options={"gtol": 1e-9, "maxiter": 2000})
+        if best is None or result.fun < best.fun:
+            best = result
+    return best.x
+
+
+def laplace_approximation(problem, n_starts=8, seed=0):
+    """MAP by BFGS from the box centre and a few seeded starts, then inverse Hessians.
+
+    The search runs in u-space, so every iterate lies inside the box. A mode within 1e-3 of the
+    box width of a bound is reported in ``on_bound`` (the prior box is then too tight).
+    """
+    rng = np.random.default_rng(seed)
+    starts = [np.zeros(3)] + [rng.uniform(-2.0, 2.0, size=3) for _ in range(n_starts - 1)]
+    u_theta_map = _minimise(problem, starts, with_jacobian=False)
+    theta_map, _ = to_box(problem, u_theta_map)
+
+    def theta_gradient(theta):
+        return _misfit_and_gradient(problem, np.clip(theta, problem.bounds[:, 0], problem.bounds[:, 1]))[1]
+
+    theta_cov = np.linalg.inv(-_hessian(theta_gradient, theta_map))
+
+    u_map = _minimise(problem, [u_theta_map], with_jacobian=True)
+    u_cov = np.linalg.inv(-_hessian(lambda u: _log_posterior_u_and_gradient(problem, u, True)[1], u_map))
+
+    width = problem.bounds[:, 1] - problem.bounds[:, 0]
+    near = np.minimum(theta_map - problem.bounds[:, 0], problem.bounds[:, 1] - theta_map) < 1e-3 * width
+    return Laplace(
+        theta_map=theta_map,
+        theta_cov=theta_cov,
+        u_map=u_map,
+        u_cov=u_cov,
+        log_posterior_max=float(problem.misfit(theta_map)),
+        on_bound=tuple(name for name, flag in zip(PARAMETERS, near) if flag),
+    )

@@ -1,0 +1,61 @@
+"""Writing results: every output file is written whole or not at all.
+
+Each file is first written under a temporary name in the same folder and then renamed over its
+final name (``os.replace`` is atomic on one file system), so an interrupted run never leaves a
+half-written PNG, JSON or NPZ behind.
+"""
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path with the same suffix; rename it to ``path`` if the block succeeds."""
+    path = Path(path)
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def _plain(value):
+    """Make numpy scalars and arrays JSON-serialisable."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path, content):
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(_plain(content), indent=2, allow_nan=True) + "\n")
+
+
+def write_npz(path, **arrays):
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
+
+
+def save_figure(figure, path, dpi=130):
+    """Save a matplotlib figure atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=dpi, bbox_inches="tight")
+    plt.close(figure)

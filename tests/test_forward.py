@@ -1,0 +1,218 @@
+"""The forward model against analytic facts, the posterior, the box bijection and the Laplace approximation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import forward
+from forward import G, sphere_anomaly
+
+DENSITY = 2500.0
+THETA = np.array([3.0, 6.0, 2.0])
+
+
+def mass(theta=THETA, density=DENSITY):
+    return density * 4.0 / 3.0 * math.pi * theta[2] ** 3
+
+
+def test_peak_is_point_mass_attraction_above_centre():
+    peak = sphere_anomaly(np.array([THETA[0]]), THETA, DENSITY)[0]
+    assert peak == pytest.approx(G * mass() / THETA[1] ** 2 * 1e8, rel=1e-12)
+
+
+def test_symmetric_about_x0_and_positive():
+    offsets = np.linspace(0.1, 30, 50)
+    left = sphere_anomaly(THETA[0] - offsets, THETA, DENSITY)
+    right = sphere_anomaly(THETA[0] + offsets, THETA, DENSITY)
+    np.testing.assert_allclose(left, right, rtol=1e-13)
+    assert np.all(left > 0)
+
+
+def test_half_width_at_half_maximum_is_0766_depth():
+    # g(x)/g(x0) = (1 + (x/z)^2)^(-3/2) = 1/2  =>  x = z sqrt(2^(2/3) - 1) ≈ 0.766 z
+    half_width = THETA[1] * math.sqrt(2 ** (2 / 3) - 1)
+    assert half_width / THETA[1] == pytest.approx(0.766, abs=1e-3)
+    ratio = sphere_anomaly(np.array([THETA[0] + half_width]), THETA, DENSITY) / sphere_anomaly(np.array([THETA[0]]), THETA, DENSITY)
+    assert ratio[0] == pytest.approx(0.5, rel=1e-12)
+
+
+def test_far_field_decays_as_inverse_cube():
+    far = np.array([1e3, 2e3, 4e3])
+    values = sphere_anomaly(THETA[0] + far, THETA, DENSITY)
+    np.testing.assert_allclose(values[:-1] / values[1:], 8.0, rtol=1e-3)
+
+
+def test_linear_in_density_and_cubic_in_radius():
+    x = np.linspace(-20, 20, 7)
+    base = sphere_anomaly(x, THETA, DENSITY)
+    np.testing.assert_allclose(sphere_anomaly(x, THETA, 2 * DENSITY), 2 * base, rtol=1e-13)
+    np.testing.assert_allclose(sphere_anomaly(x, THETA * [1, 1, 2], DENSITY), 8 * base, rtol=1e-13)
+
+
+def test_numpy_and_torch_agree_and_batch_shapes():
+    rng = np.random.default_rng(0)
+    x = np.linspace(-20, 20, 11)
+    theta = rng.uniform([0, 1, 0.5], [10, 15, 5], size=(4, 5, 3))
+    values = sphere_anomaly(x, theta, DENSITY)
+    assert values.shape == (4, 5, 11)
+    values_torch = sphere_anomaly(x, torch.tensor(theta), DENSITY)
+    assert values_torch.dtype == torch.float64
+    np.testing.assert_allclose(values_torch.numpy(), values, rtol=1e-12)
+    np.testing.assert_allclose(values[2, 3], sphere_anomaly(x, theta[2, 3], DENSITY), rtol=1e-15)
+
+
+def test_analytic_gradient_matches_autograd():
+    x = np.linspace(-20, 20, 9)
+    theta = torch.tensor(THETA + [0.3, -0.2, 0.1], requires_grad=True)
+    jacobian = torch.autograd.functional.jacobian(lambda t: sphere_anomaly(x, t, DENSITY), theta)
+    np.testing.assert_allclose(forward.sphere_anomaly_gradient(x, theta.detach().numpy(), DENSITY), jacobian.numpy(), rtol=1e-10)
+
+
+def test_synthetic_data_is_seeded_and_leaves_global_rng_alone():
+    np.random.seed(123)
+    before = np.random.random()
+    np.random.seed(123)
+    first = forward.synthetic_problem()
+    assert np.random.random() == before
+    second = forward.synthetic_problem()
+    np.testing.assert_array_equal(first.g_obs, second.g_obs)
+    assert first.n_stations == 1000 and first.stations[0] == -20 and first.stations[-1] == 20
+    noise = first.g_obs - first.predict(first.truth)
+    assert np.std(noise) == pytest.approx(1.0, abs=0.05)
+    assert not np.array_equal(forward.synthetic_problem(noise_seed=1).g_obs, first.g_obs)
+
+
+def test_log_posterior_minus_infinity_outside_box(default_problem):
+    inside = np.array([3.0, 6.0, 2.0])
+    outside = np.array([[-0.1, 6, 2], [3, 15.5, 2], [3, 6, 0.4], [11, 0.5, 6]])
+    assert np.isfinite(default_problem.log_posterior(inside))
+    assert np.all(default_problem.log_posterior(outside) == -np.inf)
+    both = default_problem.log_posterior(np.vstack([inside, outside]))
+    assert np.isfinite(both[0]) and np.all(both[1:] == -np.inf)
+
+
+def test_log_likelihood_is_the_normalised_gaussian(default_problem):
+    theta = np.array([3.1, 5.9, 2.05])
+    residual = default_problem.g_obs - default_problem.predict(theta)
+    expected = np.sum(-0.5 * residual**2 - 0.5 * np.log(2 * np.pi))  # sigma = 1
+    assert default_problem.log_likelihood(theta) == pytest.approx(expected, rel=1e-12)
+
+
+def test_torch_likelihood_matches_numpy_and_has_finite_gradient(default_problem):
+    likelihood = forward.TorchLikelihood(default_problem)
+    theta = torch.tensor([[3.1, 5.9, 2.05], [2.0, 9.0, 3.0]], dtype=torch.float64, requires_grad=True)
+    value = likelihood(theta)
+    np.testing.assert_allclose(value.detach().numpy(), default_problem.log_likelihood(theta.detach().numpy()), rtol=1e-12)
+    value.sum().backward()
+    assert torch.isfinite(theta.grad).all() and (theta.grad != 0).all()
+
+
+def test_per_station_sigma_weights_the_misfit():
+    problem = forward.synthetic_problem()
+    doubled = forward.Problem(problem.stations, problem.g_obs, np.full(problem.n_stations, 2.0), bounds=problem.bounds)
+    theta = np.array([3.1, 5.9, 2.05])
+    assert doubled.misfit(theta) == pytest.approx(problem.misfit(theta) / 4, rel=1e-12)
+
+
+def test_box_bijection_round_trip_and_log_jacobian():
+    bijection = forward.BoxBijection(np.array(forward.DEFAULT_BOUNDS))
+    u = torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
+    theta, log_det = bijection(u)
+    u_back, log_det_inverse = bijection.inverse(theta)
+    torch.testing.assert_close(u_back, u, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(log_det + log_det_inverse, torch.zeros(20, dtype=torch.float64), atol=1e-12, rtol=0)
+    for row, value in zip(u, log_det):
+        jacobian = torch.autograd.functional.jacobian(lambda v: bijection(v[None])[0][0], row)
+        assert value.item() == pytest.approx(torch.linalg.slogdet(jacobian).logabsdet.item(), rel=1e-10)
+
+
+def test_box_bijection_never_leaves_the_box():
+    bounds = np.array(forward.DEFAULT_BOUNDS)
+    bijection = forward.BoxBijection(bounds)
+    u = torch.tensor([[40.0, -40.0, 40.0], [-40.0, 40.0, -40.0], [1e3, -1e3, 0.0]], dtype=torch.float64)
+    theta, log_det = bijection(u)
+    low, high = torch.tensor(bounds[:, 0]), torch.tensor(bounds[:, 1])
+    assert ((theta >= low) & (theta <= high)).all()
+    assert torch.isfinite(log_det).all()
+    theta32, _ = bijection(u.float())
+    assert ((theta32 >= low.float()) & (theta32 <= high.float())).all()
+
+
+def test_numpy_box_map_agrees_with_torch(default_problem):
+    u = np.array([[0.3, -1.2, 2.0]])
+    theta, _ = forward.to_box(default_problem, u)
+    theta_torch, _ = forward.BoxBijection(default_problem.bounds)(torch.tensor(u))
+    np.testing.assert_allclose(theta, theta_torch.numpy(), rtol=1e-14)
+    np.testing.assert_allclose(forward.to_unconstrained(default_problem, theta), u, rtol=1e-10)
+
+
+def test_laplace_mode_and_hessian_against_autograd(default_problem, default_laplace):
+    laplace = default_laplace
+    assert laplace.on_bound == ()
+    np.testing.assert_allclose(laplace.theta_map, [3, 6, 2], atol=0.1)
+    likelihood = forward.TorchLikelihood(default_problem)
+    theta_map = torch.tensor(laplace.theta_map)
+    gradient = torch.autograd.functional.jacobian(likelihood, theta_map)
+    assert gradient.abs().max() < 1e-3  # a stationary point
+    hessian = torch.autograd.functional.hessian(likelihood, theta_map).numpy()
+    np.testing.assert_allclose(laplace.theta_cov, np.linalg.inv(-hessian), rtol=1e-4)
+
+    bijection = forward.BoxBijection(default_problem.bounds)
+
+    def log_density_u(u):
+        theta, log_det = bijection(u[None])
+        return likelihood(theta)[0] + log_det[0]
+
+    hessian_u = torch.autograd.functional.hessian(log_density_u, torch.tensor(laplace.u_map)).numpy()
+    np.testing.assert_allclose(laplace.u_cov, np.linalg.inv(-hessian_u), rtol=1e-4)
+
+
+def test_mode_on_a_bound_is_reported():
+    tight = forward.synthetic_problem(bounds=((0, 10), (1, 5.5), (0.5, 5)))
+    laplace = forward.laplace_approximation(tight)
+    assert laplace.on_bound == ("z",)
+
+
+def test_read_profile_sorts_and_reads_sigma(tmp_path):
+    path = tmp_path / "profile.csv"
+    path.write_text("x,g,sigma\n1.0,5.0,0.5\n-1.0,4.0,0.5\n0.0,6.0,1\n2.0,3.0,2\n")
+    stations, g, sigma = forward.read_profile(path)
+    np.testing.assert_array_equal(stations, [-1, 0, 1, 2])
+    np.testing.assert_array_equal(g, [4, 6, 5, 3])
+    np.testing.assert_array_equal(sigma, [0.5, 1, 0.5, 2])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "empty"),
+        ("1,2\n3,4\n5,6\n7,8\n", "no 'x' column"),
+        ("x,sigma\n1,2\n", "no 'g' column"),
+        ("x,g\n1,2\n2,abc\n3,4\n4,5\n", "line 3, column 'g': not a number"),
+        ("x,g\n1,2\n2,nan\n3,4\n4,5\n", "line 3, column 'g'"),
+        ("x,g\n1,2\n2,3\n3,4\n", "at least 4"),
+        ("x,g\n1,2\n1,3\n3,4\n4,5\n", "more than once"),
+        ("x,g,sigma\n1,2,1\n2,3,0\n3,4,1\n4,5,1\n", "line 3, column 'sigma': must be > 0"),
+    ],
+)
+def test_read_profile_rejects_bad_files(tmp_path, text, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(forward.DataError, match=message):
+        forward.read_profile(path)
+
+
+def test_read_profile_missing_file(tmp_path):
+    with pytest.raises(forward.DataError, match="not found"):
+        forward.read_profile(tmp_path / "nope.csv")
+
+
+@pytest.mark.parametrize(
+    "bounds, message",
+    [(((5, 5), (1, 15), (0.5, 5)), "x0"), (((0, 10), (0, 15), (0.5, 5)), "z must be > 0"), (((0, 10), (1, 15), (3, 2)), "R")],
+)
+def test_check_bounds(bounds, message):
+    with pytest.raises(forward.DataError, match=message):
+        forward.check_bounds(bounds)

@@ -1,0 +1,78 @@
+"""The exact reference posterior: normalisation, grid convergence, agreement with Laplace, scores."""
+
+import numpy as np
+import pytest
+
+import forward
+import reference
+
+
+def test_marginals_integrate_to_one(default_reference):
+    for i in range(3):
+        nodes, density = default_reference.marginal(i)
+        assert np.trapezoid(density, nodes) == pytest.approx(1.0, abs=1e-10)
+        assert np.all(density >= 0)
+    _, _, joint = default_reference.joint_marginal(1, 2)
+    assert joint.shape == (reference.GRID_POINTS, reference.GRID_POINTS)
+
+
+def test_grid_refinement_changes_nothing(default_problem, default_laplace, default_reference):
+    fine = reference.compute_reference(default_problem, default_laplace, grid_points=181)
+    assert np.all(np.abs(fine.mean - default_reference.mean) < 1e-3 * fine.sd)
+    np.testing.assert_allclose(default_reference.sd, fine.sd, rtol=1e-3)
+    assert default_reference.log_evidence == pytest.approx(fine.log_evidence, abs=1e-6)
+
+
+def test_wider_window_changes_nothing(default_problem, default_laplace, default_reference):
+    wide = reference.compute_reference(default_problem, default_laplace, grid_points=161, window_sds=11)
+    np.testing.assert_allclose(default_reference.sd, wide.sd, rtol=1e-3)
+    assert default_reference.log_evidence == pytest.approx(wide.log_evidence, abs=1e-6)
+
+
+def test_default_posterior_agrees_with_laplace(default_reference, default_laplace):
+    np.testing.assert_allclose(default_reference.sd, default_laplace.theta_sd, rtol=0.02)
+    assert default_reference.correlation[1, 2] == pytest.approx(0.94, abs=0.01)
+    np.testing.assert_allclose(default_reference.sd, [0.03, 0.05, 0.009], rtol=0.1)
+
+
+def test_log_evidence_of_a_gaussian_likelihood_matches_the_laplace_formula(default_problem, default_laplace, default_reference):
+    # The posterior is nearly Gaussian, so log Z ≈ log L(map) + log prior + 0.5 log det(2 pi Sigma)
+    laplace = default_laplace
+    approximate = (
+        default_problem.log_likelihood(laplace.theta_map)
+        + default_problem.log_prior_density
+        + 0.5 * np.linalg.slogdet(2 * np.pi * laplace.theta_cov)[1]
+    )
+    assert default_reference.log_evidence == pytest.approx(approximate, abs=0.01)
+
+
+def test_evidence_scales_with_the_prior_box():
+    # The posterior lies well inside both boxes, so doubling the x0 range exactly halves Z.
+    small = forward.synthetic_problem(bounds=((0, 10), (1, 15), (0.5, 5)))
+    large = forward.synthetic_problem(bounds=((-10, 10), (1, 15), (0.5, 5)))
+    assert reference.compute_reference(large).log_evidence == pytest.approx(
+        reference.compute_reference(small).log_evidence - np.log(2), abs=1e-9
+    )
+
+
+def test_samples_from_the_reference_score_near_zero(default_reference):
+    samples = default_reference.sample(100_000, np.random.default_rng(0))
+    result = reference.score(samples, default_reference)
+    assert result["error"] < 0.02
+    np.testing.assert_allclose(samples.mean(axis=0), default_reference.mean, atol=0.02 * default_reference.sd.max())
+
+
+def test_shifted_samples_score_their_shift(default_reference):
+    samples = default_reference.sample(100_000, np.random.default_rng(1))
+    shifted = samples + 0.1 * default_reference.sd
+    result = reference.score(shifted, default_reference)
+    np.testing.assert_allclose(result["w1_over_sd"], 0.1, atol=0.015)
+    assert result["error"] == max(result["w1_over_sd"])
+
+
+def test_too_narrow_samples_score_badly(default_reference):
+    narrow = default_reference.mean + 0.5 * (default_reference.sample(20_000, np.random.default_rng(2)) - default_reference.mean)
+    # W1 of N(0, 1/4) to N(0, 1) is 0.5 * E|X| = 0.5 * 0.798
+    assert reference.score(narrow, default_reference)["w1_over_sd"][0] == pytest.approx(0.399, abs=0.02)
+
+
