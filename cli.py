@@ -1,0 +1,219 @@
+"""What every script shares on the command line: options, input checks, interrupts, and the run's outputs.
+
+Bad input never produces a traceback: it raises :class:`forward.DataError` (or argparse rejects an
+option), and :func:`run` prints one line, ``<script>: error: <what is wrong>``, on stderr and exits
+with status 2. A first Ctrl-C asks the running loop to stop and keep what it has; a second one
+exits at once (status 130).
+"""
+
+import argparse
+import hashlib
+import math
+import os
+import platform
+import signal
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+import forward
+from forward import DataError
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr (no usage block) and exit status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind, low=None, low_inclusive=False, name=""):
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {'whole ' if kind is int else ''}number: {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value < low if low_inclusive else value <= low):
+            raise argparse.ArgumentTypeError(f"must be {'≥' if low_inclusive else '>'} {low}, got {text}")
+        return value
+
+    return convert
+
+
+positive_int = _number(int, 1, low_inclusive=True)
+nonnegative_int = _number(int, 0, low_inclusive=True)
+positive_float = _number(float, 0.0)
+finite_float = _number(float)
+
+
+def _nonzero_float(text):
+    value = finite_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("the density contrast must not be 0 (no anomaly at all)")
+    return value
+
+
+def common_parser(doc, method, default_samples):
+    """The options every script has (SPEC, 'Command line'). ``doc`` is the script's docstring."""
+    first, _, rest = (doc or method).strip().partition("\n")
+    parser = Parser(
+        description=first,
+        epilog=rest.strip() or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(method=method)
+    data = parser.add_argument_group("data and prior")
+    data.add_argument("--data", metavar="CSV", help="profile to invert: header 'x,g[,sigma]' (m, µGal, µGal); default: the synthetic profile")
+    data.add_argument("--noise", metavar="SIGMA", type=positive_float, default=forward.DEFAULT_NOISE_SD,
+                      help="noise standard deviation in µGal (synthetic noise, and --data without a sigma column) (default: %(default)s)")
+    data.add_argument("--density", metavar="RHO", type=_nonzero_float, default=forward.DEFAULT_DENSITY,
+                      help="density contrast in kg/m³ (default: %(default)s)")
+    data.add_argument("--bounds", metavar=("X0LO", "X0HI", "ZLO", "ZHI", "RLO", "RHI"), nargs=6, type=finite_float,
+                      default=[v for pair in forward.DEFAULT_BOUNDS for v in pair],
+                      help="uniform prior box in m (default: %(default)s)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0, help="random seed; same seed, same results on CPU (default: %(default)s)")
+    run.add_argument("--samples", type=positive_int, default=default_samples,
+                     help="posterior samples kept (default: %(default)s)")
+    run.add_argument("--init", choices=("laplace", "prior"), default="laplace",
+                     help="start from the Laplace approximation (default) or from the prior, as the original did")
+    run.add_argument("--out", metavar="DIR", default=str(Path("figures") / method),
+                     help="output folder (default: %(default)s)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks that need more than one option, and the data
+
+
+def load_problem(args):
+    """The Problem the options describe: the synthetic profile or the user's CSV, and the prior box."""
+    bounds = forward.check_bounds(args.bounds)
+    if args.data is None:
+        return forward.synthetic_problem(noise_sd=args.noise, density=args.density, bounds=bounds)
+    stations, g_obs, sigma = forward.read_profile(args.data)
+    digest = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()
+    return forward.Problem(
+        stations=stations,
+        g_obs=g_obs,
+        noise_sd=float(args.noise) if sigma is None else sigma,
+        density=float(args.density),
+        bounds=bounds,
+        source={"kind": "file", "path": str(Path(args.data).resolve()), "sha256": digest,
+                "noise": "per-station sigma column" if sigma is not None else f"--noise {args.noise}"},
+    )
+
+
+def check_start(start, bounds):
+    if start is not None and not np.all((np.asarray(start) > bounds[:, 0]) & (np.asarray(start) < bounds[:, 1])):
+        raise DataError(f"--start {' '.join(f'{v:g}' for v in start)} lies outside the prior box (--bounds)")
+
+
+def prepare_output(folder):
+    """Create the output folder and prove it is writable; DataError naming the path otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise DataError(f"cannot write to the output folder {folder}: {error.strerror or error}") from None
+    return folder
+
+
+def warn_if_on_bound(laplace):
+    if laplace.on_bound:
+        print(
+            f"warning: the posterior mode of {', '.join(laplace.on_bound)} sits on its prior bound: "
+            "the box is too tight for these data; widen --bounds",
+            file=sys.stderr,
+        )
+
+
+def data_description(problem):
+    sigma = problem.noise_sd
+    return {
+        **problem.source,
+        "n_stations": int(problem.n_stations),
+        "x_range_m": [float(problem.stations.min()), float(problem.stations.max())],
+        "noise_sd_ugal": float(sigma) if np.ndim(sigma) == 0 else {"min": float(np.min(sigma)), "max": float(np.max(sigma))},
+        "density_kg_m3": float(problem.density),
+        "bounds_m": problem.bounds.tolist(),
+    }
+
+
+def versions():
+    import matplotlib
+    import scipy
+    import torch
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
+            "torch": torch.__version__, "matplotlib": matplotlib.__version__}
+
+
+def posterior_summary(theta):
+    quantiles = np.quantile(theta, [0.05, 0.5, 0.95], axis=0)
+    return {"mean": theta.mean(axis=0).tolist(), "sd": theta.std(axis=0, ddof=1).tolist(),
+            "q05": quantiles[0].tolist(), "q50": quantiles[1].tolist(), "q95": quantiles[2].tolist()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Interrupts and the top level
+
+
+@contextmanager
+def interruptible(what="the run"):
+    """Within the block a first Ctrl-C only sets ``state.interrupted``; a second one exits at once."""
+    state = SimpleNamespace(interrupted=False)
+
+    def handler(signum, frame):
+        if state.interrupted:
+            raise KeyboardInterrupt
+        state.interrupted = True
+        print(f"\ninterrupted: stopping {what} and writing what it has (Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run(main, argv=None):
+    """Run a script's ``main(argv)``; bad input is one line on stderr and exit status 2."""
+    prog = Path(sys.argv[0]).name
+    warnings.simplefilter("default")
+    try:
+        status = main(argv)
+    except DataError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        status = EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        status = EXIT_INTERRUPTED
+    sys.exit(status or 0)
+
+
+class Timer:
+    """Wall-clock time of a block, in seconds, as ``timer.seconds``."""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

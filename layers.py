@@ -1,0 +1,345 @@
+"""Flow building blocks shared by the six flow scripts.
+
+Every layer is a ``torch.nn.Module`` on ``(batch, 3)`` tensors with one interface:
+
+* ``forward(u) -> (y, logabsdet)`` — the sampling direction, base -> parameters;
+* ``inverse(y) -> (u, logabsdet)`` — where an inverse exists (planar layers have none in closed form).
+
+``logabsdet`` has shape ``(batch,)``: log |det dy/du| for ``forward``, log |det du/dy| for ``inverse``.
+Every layer is exactly the identity at initialisation (the last layer of each conditioner is zeroed),
+so a flow starts from its base distribution and training refines it. The one exception is
+``Permutation``, a fixed reordering; it preserves volume and maps N(0, I) onto itself.
+
+Papers:
+
+* Rezende & Mohamed (2015), Variational inference with normalizing flows — ``Planar``.
+* Dinh, Sohl-Dickstein & Bengio (2017), Density estimation using Real NVP — ``Coupling``, ``AffineCoupling``.
+* Kingma & Dhariwal (2018), Glow: generative flow with invertible 1x1 convolutions — ``ActNorm``,
+  ``LULinear``, ``GlowStep``.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Affine log-scales are soft-clipped to (-LOG_SCALE_BOUND, LOG_SCALE_BOUND): bounded, never a hard clamp.
+LOG_SCALE_BOUND = 3.0
+
+
+def soft_clip(x, bound):
+    """Smoothly squash ``x`` into (-bound, bound); slope 1 at zero, so identity-at-init is kept."""
+    return bound * torch.tanh(x / bound)
+
+
+def conditioner(n_inputs, n_outputs, hidden):
+    """A small MLP whose last layer is zeroed, so the layer it conditions starts as the identity."""
+    network = nn.Sequential(
+        nn.Linear(n_inputs, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, n_outputs),
+    )
+    nn.init.zeros_(network[-1].weight)
+    nn.init.zeros_(network[-1].bias)
+    return network
+
+
+# --------------------------------------------------------------------------------------------------
+# Coupling layers (Dinh et al. 2017)
+# --------------------------------------------------------------------------------------------------
+
+
+def coupling_mask(dim, index):
+    """Sorted list of the features that coupling layer number ``index`` transforms.
+
+    Layer k is conditioned on a window of c = dim // 2 consecutive features (cyclically), starting
+    at feature k * c mod dim, and transforms the other dim - c. The window slides by its own width,
+    so two consecutive windows never overlap: **any two consecutive layers transform every feature**,
+    at every dimension >= 2 (odd ones included). With dim = 3 the layers condition on feature
+    0, 1, 2, 0, ... and transform [1, 2], [0, 2], [0, 1], ...: each feature is transformed in two
+    layers out of three and is conditioned on each other feature in turn (a fixed split such as
+    [0, 2] / [1] would never let features 0 and 2 condition each other).
+    """
+    if dim < 2:
+        raise ValueError(f"a coupling layer needs at least 2 features, got dim={dim}")
+    width = dim // 2
+    start = (index * width) % dim
+    conditioning = {(start + offset) % dim for offset in range(width)}
+    return [feature for feature in range(dim) if feature not in conditioning]
+
+
+def coupling_masks(dim, n_layers):
+    """``coupling_mask(dim, k)`` for k = 0 .. n_layers - 1: any two consecutive ones cover every feature."""
+    return [coupling_mask(dim, index) for index in range(n_layers)]
+
+
+class Coupling(nn.Module):
+    """Coupling layer (Dinh et al. 2017) with an index-based split, for any dimension.
+
+    The features split into ``identity_index`` (A, passed through) and ``transformed_index`` (B):
+
+        y_A = x_A,        y_B = tau(x_B; theta(x_A)),
+
+    with tau an element-wise monotone transform (``_elementwise``, defined by the subclass) and theta
+    a conditioner MLP from x_A to ``len(B) * n_params_per_feature`` numbers, whose last layer is zeroed.
+    The Jacobian is block-triangular, so
+
+        log|det dy/dx| = sum_{i in B} log|d tau_i / d x_i|.
+
+    The inverse reuses theta(y_A) = theta(x_A) and tau's inverse. Subclasses implement
+    ``_elementwise(x_transformed, params, inverse) -> (y_transformed, logabsdet)`` where ``params`` has
+    shape ``(batch, len(B), n_params_per_feature)`` and ``logabsdet`` is either element-wise,
+    ``(batch, len(B))``, or already summed, ``(batch,)``; ``tau`` must be the identity when
+    ``params`` is zero, so that the layer starts as the identity.
+    """
+
+    def __init__(self, dim, transformed, hidden, n_params_per_feature):
+        super().__init__()
+        transformed = sorted(set(int(feature) for feature in transformed))
+        if not transformed or transformed[0] < 0 or transformed[-1] >= dim or len(transformed) == dim:
+            raise ValueError(f"transformed features {transformed} must be a non-empty proper subset of range({dim})")
+        identity = [feature for feature in range(dim) if feature not in transformed]
+        self.dim = dim
+        self.n_params_per_feature = n_params_per_feature
+        self.register_buffer("identity_index", torch.tensor(identity, dtype=torch.long))
+        self.register_buffer("transformed_index", torch.tensor(transformed, dtype=torch.long))
+        self.conditioner = conditioner(len(identity), len(transformed) * n_params_per_feature, hidden)
+
+    def _elementwise(self, x_transformed, params, inverse):
+        raise NotImplementedError
+
+    def _couple(self, x, inverse):
+        x_identity = x.index_select(1, self.identity_index)
+        x_transformed = x.index_select(1, self.transformed_index)
+        params = self.conditioner(x_identity).view(x.shape[0], x_transformed.shape[1], self.n_params_per_feature)
+        y_transformed, logabsdet = self._elementwise(x_transformed, params, inverse)
+        if logabsdet.dim() == 2:
+            logabsdet = logabsdet.sum(dim=1)
+        # Out-of-place: a copy of x with the transformed columns replaced (autograd flows to both).
+        return x.index_copy(1, self.transformed_index, y_transformed), logabsdet
+
+    def forward(self, x):
+        return self._couple(x, inverse=False)
+
+    def inverse(self, y):
+        return self._couple(y, inverse=True)
+
+
+class AffineCoupling(Coupling):
+    """RealNVP affine coupling (Dinh et al. 2017).
+
+    For the transformed features B, with (raw_s, t) = theta(x_A):
+
+        s = LOG_SCALE_BOUND * tanh(raw_s / LOG_SCALE_BOUND)      (soft-clipped log-scale)
+        y_B = x_B * exp(s) + t,                x_B = (y_B - t) * exp(-s),
+
+        log|det dy/dx| = sum_{i in B} s_i      (and minus that for the inverse).
+
+    ``transformed`` defaults to ``coupling_mask(dim, 0)``.
+    """
+
+    def __init__(self, dim=3, transformed=None, hidden=32):
+        transformed = coupling_mask(dim, 0) if transformed is None else transformed
+        super().__init__(dim, transformed, hidden, n_params_per_feature=2)
+
+    def _elementwise(self, x_transformed, params, inverse):
+        log_scale = soft_clip(params[..., 0], LOG_SCALE_BOUND)
+        shift = params[..., 1]
+        if inverse:
+            return (x_transformed - shift) * torch.exp(-log_scale), -log_scale.sum(dim=1)
+        return x_transformed * torch.exp(log_scale) + shift, log_scale.sum(dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Planar flow (Rezende & Mohamed 2015)
+# --------------------------------------------------------------------------------------------------
+
+
+class Planar(nn.Module):
+    """Planar flow (Rezende & Mohamed 2015, section 4.1), sampling direction only.
+
+        f(z) = z + û tanh(wᵀz + b),
+        log|det df/dz| = log|1 + ûᵀψ(z)|,   ψ(z) = (1 - tanh²(wᵀz + b)) w,
+                       = log(1 + (1 - tanh²(wᵀz + b)) wᵀû).
+
+    f is invertible iff wᵀû >= -1 (then 1 + ûᵀψ >= tanh² >= 0). As in the paper, the free
+    parameter u is projected along w:
+
+        û = u + (m(wᵀu) - wᵀu) w / ‖w‖²,    so that    wᵀû = m(wᵀu),
+
+    (the division is by ‖w‖², not ‖w‖). The paper takes m(a) = -1 + softplus(a), but its m(0) =
+    log 2 - 1 ≠ 0, so u = 0 would not give û = 0 and the layer would not start as the identity.
+    Here m(a) = ELU(a) = a for a > 0, exp(a) - 1 otherwise, which has
+
+        m(a) > -1 for every a (hence wᵀû >= -1),   m(0) = 0 (u = 0 gives û = 0 exactly),
+        m(a) = a for a >= 0 (û = u whenever wᵀu >= 0),   m'(0) = 1, m linear for large a.
+
+    It also keeps û bounded: 0 <= m(a) - a <= -a for a < 0, so ‖û‖ <= 2‖u‖.
+    Initialisation: u = 0, b = 0 (identity); w ~ N(0, I / dim), nonzero, so that in standardised
+    space wᵀz is of order one and u receives a gradient from the first step.
+    There is no closed-form inverse: ``inverse`` raises ``NotImplementedError``.
+    """
+
+    def __init__(self, dim=3):
+        super().__init__()
+        self.u = nn.Parameter(torch.zeros(dim))
+        self.w = nn.Parameter(torch.randn(dim) / dim**0.5)
+        self.b = nn.Parameter(torch.zeros(()))
+
+    def _constrained(self):
+        w_dot_u = self.w @ self.u
+        w_dot_u_hat = F.elu(w_dot_u)  # m(wᵀu) >= -1 holds exactly in floating point too
+        u_hat = self.u + (w_dot_u_hat - w_dot_u) * self.w / (self.w @ self.w)
+        return u_hat, w_dot_u_hat
+
+    def u_hat(self):
+        """The constrained û, with wᵀû = ELU(wᵀu) >= -1."""
+        return self._constrained()[0]
+
+    def forward(self, z):
+        u_hat, w_dot_u_hat = self._constrained()
+        h = torch.tanh(z @ self.w + self.b)
+        y = z + h[:, None] * u_hat
+        # ûᵀψ = (1 - h²) wᵀû, with wᵀû taken as m(wᵀu) rather than recomputed as w @ û: equal in exact
+        # arithmetic, but w @ û can round below -1 when u is huge and anti-parallel to w.
+        logabsdet = torch.log1p((1 - h * h) * w_dot_u_hat)
+        return y, logabsdet
+
+    def inverse(self, y):
+        raise NotImplementedError("a planar flow has no closed-form inverse (Rezende & Mohamed 2015)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Glow (Kingma & Dhariwal 2018): ActNorm, invertible linear map, and the step combining them
+# --------------------------------------------------------------------------------------------------
+
+
+class ActNorm(nn.Module):
+    """Activation normalisation (Kingma & Dhariwal 2018): a learnable per-feature affine map.
+
+        y = x * exp(log_scale) + shift,        x = (y - shift) * exp(-log_scale),
+        log|det dy/dx| = sum_i log_scale_i     (the same for every row).
+
+    Both parameters start at zero (the identity). Glow's data-dependent initialisation is not
+    needed: the flow acts in standardised space, where the data already have unit scale.
+    """
+
+    def __init__(self, dim=3):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(dim))
+        self.shift = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return x * torch.exp(self.log_scale) + self.shift, self.log_scale.sum().expand(x.shape[0])
+
+    def inverse(self, y):
+        return (y - self.shift) * torch.exp(-self.log_scale), -self.log_scale.sum().expand(y.shape[0])
+
+
+class LULinear(nn.Module):
+    """Invertible linear map with an LU parameterisation (Kingma & Dhariwal 2018, section 3.2).
+
+        y = x Wᵀ,   W = L U,
+        L = unit lower-triangular (learnable strictly-lower entries),
+        U = upper-triangular, diagonal exp(log_diagonal) > 0, learnable strictly-upper entries,
+        log|det dy/dx| = sum_i log_diagonal_i       (the same for every row).
+
+    Inverse by two triangular solves, x = (y L⁻ᵀ) U⁻ᵀ (``torch.linalg.solve_triangular``).
+    Glow's W = P L U also has a fixed permutation P; it is left out so that W = I at initialisation
+    (all parameters zero), exactly. Where a reordering is wanted, put a ``Permutation`` layer in the
+    flow. The diagonal is exp of a learnable parameter (as in Glow; it is not a network output), so it
+    is exactly 1 at initialisation in every dtype and its log-determinant needs no log.
+    The ``shift`` Glow's 1x1 convolution lacks too is provided by ``ActNorm``.
+    """
+
+    def __init__(self, dim=3):
+        super().__init__()
+        self.lower = nn.Parameter(torch.zeros(dim, dim))
+        self.upper = nn.Parameter(torch.zeros(dim, dim))
+        self.log_diagonal = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("eye", torch.eye(dim))
+
+    def _factors(self):
+        lower = torch.tril(self.lower, diagonal=-1) + self.eye
+        upper = torch.triu(self.upper, diagonal=1) + torch.diag(torch.exp(self.log_diagonal))
+        return lower, upper
+
+    def forward(self, x):
+        lower, upper = self._factors()
+        return F.linear(x, lower @ upper), self.log_diagonal.sum().expand(x.shape[0])
+
+    def inverse(self, y):
+        lower, upper = self._factors()
+        # y = x Uᵀ Lᵀ: solve z Lᵀ = y, then x Uᵀ = z (right-hand solves, one row per sample).
+        z = torch.linalg.solve_triangular(lower.T, y, upper=True, left=False, unitriangular=True)
+        x = torch.linalg.solve_triangular(upper.T, z, upper=False, left=False)
+        return x, -self.log_diagonal.sum().expand(y.shape[0])
+
+
+class Permutation(nn.Module):
+    """A fixed reordering of the features: y_i = x_{order[i]}, log|det| = 0.
+
+    ``order`` defaults to the reversal. It has no parameters and is not the identity (unless
+    ``order`` is), but it preserves volume and maps N(0, I) onto itself.
+    """
+
+    def __init__(self, dim=3, order=None):
+        super().__init__()
+        order = list(range(dim))[::-1] if order is None else [int(feature) for feature in order]
+        if sorted(order) != list(range(dim)):
+            raise ValueError(f"order {order} is not a permutation of range({dim})")
+        inverse_order = [0] * dim
+        for position, feature in enumerate(order):
+            inverse_order[feature] = position
+        self.register_buffer("order", torch.tensor(order, dtype=torch.long))
+        self.register_buffer("inverse_order", torch.tensor(inverse_order, dtype=torch.long))
+
+    def forward(self, x):
+        return x.index_select(1, self.order), x.new_zeros(x.shape[0])
+
+    def inverse(self, y):
+        return y.index_select(1, self.inverse_order), y.new_zeros(y.shape[0])
+
+
+class FlowSequence(nn.Module):
+    """Composition of flow layers, f = f_K ∘ ... ∘ f_1 (``layers`` in sampling order).
+
+        forward: applies f_1, ..., f_K;   log|det df/dx| = sum_k log|det df_k|  (chain rule).
+        inverse: applies the inverses of f_K, ..., f_1; raises ``NotImplementedError`` if a layer has none.
+    """
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        logabsdet = x.new_zeros(x.shape[0])
+        for layer in self.layers:
+            x, layer_logabsdet = layer(x)
+            logabsdet = logabsdet + layer_logabsdet
+        return x, logabsdet
+
+    def inverse(self, y):
+        logabsdet = y.new_zeros(y.shape[0])
+        for layer in reversed(self.layers):
+            y, layer_logabsdet = layer.inverse(y)
+            logabsdet = logabsdet + layer_logabsdet
+        return y, logabsdet
+
+
+class GlowStep(FlowSequence):
+    """One Glow step (Kingma & Dhariwal 2018): ActNorm -> LULinear -> AffineCoupling.
+
+        log|det| = sum(log_scale) + sum(log_diagonal) + sum_{i in B} s_i.
+
+    The coupling transforms ``coupling_mask(dim, index)``, so consecutive steps (index 0, 1, ...)
+    transform every feature even before the linear maps have learnt to mix them.
+    """
+
+    def __init__(self, dim=3, hidden=32, index=0):
+        super().__init__([
+            ActNorm(dim),
+            LULinear(dim),
+            AffineCoupling(dim, coupling_mask(dim, index), hidden),
+        ])

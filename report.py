@@ -1,0 +1,66 @@
+"""The outputs every method writes: summary.json, samples.npz and the shared figures (SPEC, 'What each script writes')."""
+
+import sys
+
+import numpy as np
+
+import cli
+import figures
+import forward
+import output
+import reference as reference_module
+
+
+def write_results(out, args, problem, reference, theta, method_results, wall_time_s, interrupted=False):
+    """Score the samples, write summary.json, samples.npz, marginals/pairs/predictive_check.png.
+
+    ``method_results`` holds the method's own numbers (ELBO/KL or acceptance/ESS, ...). Returns the
+    summary dict. Figures and the summary are written even when a diagnostic is unreliable.
+    """
+    theta = np.asarray(theta, dtype=float)
+    scores = reference_module.score(theta, reference)
+    title = f"{args.method}" + (" (interrupted)" if interrupted else "")
+    summary = {
+        "method": args.method,
+        "settings": {key: value for key, value in sorted(vars(args).items()) if key != "method"},
+        "data": cli.data_description(problem),
+        "parameters": list(forward.PARAMETERS),
+        "units": "m",
+        "truth": None if problem.truth is None else np.asarray(problem.truth).tolist(),
+        "posterior": cli.posterior_summary(theta),
+        "reference": reference.summary(),
+        "error": scores["error"],
+        "w1_over_sd": scores["w1_over_sd"],
+        **method_results,
+        "wall_time_s": wall_time_s,
+        "interrupted": bool(interrupted),
+        "versions": cli.versions(),
+    }
+    output.write_npz(
+        out / "samples.npz",
+        theta=theta,
+        x=problem.stations,
+        g_obs=problem.g_obs,
+        sigma=np.asarray(problem.noise_sd, dtype=float),
+        density=np.asarray(problem.density, dtype=float),
+    )
+    rng = np.random.default_rng(args.seed)
+    figures.plot_marginals(out / "marginals.png", theta, reference, problem.truth, title=title)
+    figures.plot_pairs(out / "pairs.png", theta, reference, problem.truth, title=title)
+    figures.plot_predictive_check(out / "predictive_check.png", problem, theta, rng, title=title)
+    output.write_json(out / "summary.json", summary)
+    return summary
+
+
+def print_summary(summary, extra_lines=(), file=sys.stdout):
+    """A short human-readable report of a run."""
+    print(f"{summary['method']}: posterior of (x0, z, R) in m, against the exact reference", file=file)
+    print(f"{'':>4} {'mean':>10} {'sd':>9} {'ref mean':>10} {'ref sd':>9} {'W1/sd':>7}", file=file)
+    posterior, ref = summary["posterior"], summary["reference"]
+    for i, name in enumerate(summary["parameters"]):
+        print(f"{name:>4} {posterior['mean'][i]:10.4f} {posterior['sd'][i]:9.4f} {ref['mean'][i]:10.4f} "
+              f"{ref['sd'][i]:9.4f} {summary['w1_over_sd'][i]:7.3f}", file=file)
+    print(f"error (largest W1/sd): {summary['error']:.4f}", file=file)
+    for line in extra_lines:
+        print(line, file=file)
+    print(f"wall time: {summary['wall_time_s']:.1f} s", file=file)
