@@ -110,12 +110,6 @@ def _all_view_limits(theta, reference, truth):
     return [_view_limits(theta[:, i], reference, i, None if truth is None else truth[i]) for i in range(3)]
 
 
-def _outside_note(n_outside, n_total):
-    if n_outside == 0:
-        return ""
-    return f"{n_outside} of {n_total} samples ({100.0 * n_outside / max(n_total, 1):.1g} %) outside the view"
-
-
 def credible_levels(density, cell_area, masses=(ONE_SIGMA_MASS, TWO_SIGMA_MASS)):
     """Density thresholds whose super-level sets {density >= level} hold the given probability masses.
 

@@ -35,15 +35,18 @@ def _plain(value):
     if isinstance(value, np.ndarray):
         return _plain(value.tolist())
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None  # strict JSON has no NaN or infinity
     if isinstance(value, Path):
         return str(value)
     return value
 
 
 def write_json(path, content):
+    """Write ``content`` as strict JSON (non-finite numbers become null)."""
     with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(_plain(content), indent=2, allow_nan=True) + "\n")
+        temporary.write_text(json.dumps(_plain(content), indent=2, allow_nan=False) + "\n")
 
 
 def write_npz(path, **arrays):

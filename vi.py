@@ -34,6 +34,7 @@ import diagnostics
 import forward
 import reference as reference_module
 import report
+from layers import FlowSequence
 
 #: The base map's diagonal is softplus(raw + _DIAGONAL_SHIFT) + _DIAGONAL_EPS: exactly 1 at raw = 0, never 0.
 _DIAGONAL_EPS = 1e-6
@@ -55,7 +56,7 @@ class FlowPosterior(nn.Module):
         self.loc = nn.Parameter(torch.zeros(3))
         self.raw_diagonal = nn.Parameter(torch.zeros(3))
         self.raw_lower = nn.Parameter(torch.zeros(3))
-        self.layers = nn.ModuleList(layers)
+        self.flow = FlowSequence(layers)
         self.box = forward.BoxBijection(bounds)
         self.register_buffer("shift", torch.as_tensor(np.asarray(shift, dtype=float)))
         self.register_buffer("scale_tril", torch.as_tensor(np.asarray(scale_tril, dtype=float)))
@@ -75,9 +76,8 @@ class FlowPosterior(nn.Module):
         matrix = self.base_matrix()
         y = self.loc + eps @ matrix.T
         log_q = log_q - torch.log(torch.diagonal(matrix)).sum()
-        for layer in self.layers:
-            y, log_det = layer(y)
-            log_q = log_q - log_det
+        y, log_det = self.flow(y)
+        log_q = log_q - log_det
         u = self.shift + y @ self.scale_tril.T
         theta, log_det = self.box(u)
         return theta, log_q - self.log_det_scale - log_det
@@ -170,11 +170,12 @@ def importance_diagnostics(log_weights, log_evidence=None):
 
 
 def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=False):
-    """The common options plus the flow options, with this method's defaults."""
+    """The common options plus the flow options, with this method's defaults (``hidden=None``: no conditioner)."""
     parser = cli.common_parser(doc, method, default_samples=10_000)
     group = parser.add_argument_group("flow and training")
     group.add_argument("--flows", type=cli.positive_int, default=flows, help="number of flow layers (default: %(default)s)")
-    group.add_argument("--hidden", type=cli.positive_int, default=hidden, help="hidden units per conditioner layer (default: %(default)s)")
+    if hidden is not None:
+        group.add_argument("--hidden", type=cli.positive_int, default=hidden, help="hidden units per conditioner layer (default: %(default)s)")
     group.add_argument("--iterations", type=cli.positive_int, default=iterations, help="training iterations (default: %(default)s)")
     group.add_argument("--lr", type=cli.positive_float, default=lr, help="Adam's initial learning rate, decayed to 0 by a cosine (default: %(default)s)")
     group.add_argument("--batch", type=cli.positive_int, default=batch, help="Monte Carlo samples per training step (default: %(default)s)")

@@ -10,8 +10,9 @@ import torch
 from autoregressive import MADE, AutoregressiveAffine, AutoregressiveSpline, layer_orders
 from layer_harness import DIM, check_layer, randomize_, sample_inputs
 
-RANDOM_ORDER = torch.randperm(DIM, generator=torch.Generator().manual_seed(7)).tolist()
+RANDOM_ORDER = torch.randperm(DIM, generator=torch.Generator().manual_seed(0)).tolist()  # [2, 0, 1]
 ORDERS = [[0, 1, 2], [2, 1, 0], [1, 2, 0], RANDOM_ORDER]
+HIDDEN = 8  # small MADEs keep the autograd Jacobians quick; the maths does not depend on it
 
 
 def position(order):
@@ -68,12 +69,12 @@ def test_layer_orders_alternate_identity_and_reversal_and_cover_every_dependency
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_affine_layer_passes_the_harness(order):
-    check_layer(lambda: AutoregressiveAffine(DIM, 16, order))
+    check_layer(lambda: AutoregressiveAffine(DIM, HIDDEN, order))
 
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_spline_layer_passes_the_harness(order):
-    check_layer(lambda: AutoregressiveSpline(DIM, 16, order))
+    check_layer(lambda: AutoregressiveSpline(DIM, HIDDEN, order))
 
 
 def test_spline_layer_with_other_bins_and_bound_passes_the_harness():

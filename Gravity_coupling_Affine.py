@@ -1,0 +1,31 @@
+"""Coupling flow with affine coupling layers (RealNVP, Dinh et al. 2017) for the gravity inversion.
+
+Each layer passes some features through unchanged (A) and moves the others (B) by a scale and a
+shift computed from A by a small network:
+
+    y_A = x_A,    y_B = x_B exp(s(x_A)) + t(x_A),    log|det dy/dx| = sum_B s(x_A),
+
+with the log-scale soft-clipped, s = 3 tanh(raw / 3). With three features the split is by index
+lists, not halves: layer k conditions on one feature and transforms the other two, cycling
+(transformed [1, 2], [0, 2], [0, 1], ...), so every feature is transformed and every feature
+conditions the others.
+
+Dinh, L., Sohl-Dickstein, J. & Bengio, S. (2017). Density estimation using Real NVP. ICLR.
+"""
+
+import cli
+import vi
+from layers import AffineCoupling, coupling_mask
+
+
+def build_layers(args):
+    return [AffineCoupling(dim=3, transformed=coupling_mask(3, k), hidden=args.hidden) for k in range(args.flows)]
+
+
+def main(argv=None):
+    parser = vi.flow_parser(__doc__, "coupling_Affine", iterations=3000, flows=4, hidden=32, lr=0.005)
+    return vi.run_flow_method(parser.parse_args(argv), build_layers)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,30 @@
+"""Planar flow (Rezende & Mohamed 2015) for the buried-sphere gravity inversion.
+
+Each layer moves the samples along one direction û by an amount that depends on their position
+along another direction w:
+
+    f(z) = z + û tanh(wᵀz + b),        log|det df/dz| = log|1 + (1 - tanh²(wᵀz + b)) wᵀû|.
+
+The map is invertible only when wᵀû ≥ -1; the free vector u is projected so that wᵀû = m(wᵀu) > -1
+(see ``layers.Planar``). A planar layer changes the density along one hyperplane at a time, so it
+needs many layers for a flexible q and has no closed-form inverse.
+
+Rezende, D. J. & Mohamed, S. (2015). Variational inference with normalizing flows. ICML.
+"""
+
+import cli
+import vi
+from layers import Planar
+
+
+def build_layers(args):
+    return [Planar(dim=3) for _ in range(args.flows)]
+
+
+def main(argv=None):
+    parser = vi.flow_parser(__doc__, "planar", iterations=3000, flows=8, hidden=None, lr=0.01)
+    return vi.run_flow_method(parser.parse_args(argv), build_layers)
+
+
+if __name__ == "__main__":
+    cli.run(main)
