@@ -91,6 +91,9 @@ def common_parser(doc, method, default_samples):
     run.add_argument("--out", metavar="DIR", default=str(Path("figures") / method),
                      help="output folder (default: %(default)s)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--sweep", metavar="NAME=V1,V2,...",
+                     help="repeat the run for each value of one option (e.g. iterations=2000,5000) into "
+                          "OUT/sweep-NAME/, and write a table and a small-multiples figure there")
     return parser
 
 
@@ -194,11 +197,17 @@ def interruptible(what="the run"):
 
 
 def run(main, argv=None):
-    """Run a script's ``main(argv)``; bad input is one line on stderr and exit status 2."""
+    """Run a script's ``main(argv)`` (or a sweep of it); bad input is one line on stderr and exit status 2."""
     prog = Path(sys.argv[0]).name
     warnings.simplefilter("default")
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        status = main(argv)
+        if any(arg == "--sweep" or arg.startswith("--sweep=") for arg in argv):
+            import sweep
+
+            status = sweep.run_sweep(main, argv)
+        else:
+            status = main(argv)
     except DataError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         status = EXIT_USAGE
