@@ -27,7 +27,7 @@ def build_layers(args):
 
 
 def main(argv=None):
-    parser = vi.flow_parser(__doc__, "coupling_NSF", iterations=3000, flows=3, hidden=32, lr=0.005, spline=True)
+    parser = vi.flow_parser(__doc__, "coupling_NSF", iterations=2000, flows=3, hidden=32, lr=0.005, spline=True)
     return vi.run_flow_method(parser.parse_args(argv), build_layers)
 
 

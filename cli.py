@@ -2,8 +2,8 @@
 
 Bad input never produces a traceback: it raises :class:`forward.DataError` (or argparse rejects an
 option), and :func:`run` prints one line, ``<script>: error: <what is wrong>``, on stderr and exits
-with status 2. A first Ctrl-C asks the running loop to stop and keep what it has; a second one
-exits at once (status 130).
+with status 2. A first Ctrl-C during training or sampling asks the loop to stop and keep what it has;
+a second one, or one at any other moment, exits at once (status 130), leaving no half-written file.
 """
 
 import argparse
@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 
 import forward
+import output
 from forward import DataError
 
 EXIT_USAGE = 2
@@ -36,7 +37,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _number(kind, low=None, low_inclusive=False, name=""):
+def _number(kind, low=None, low_inclusive=False, high=None):
     def convert(text):
         try:
             value = kind(text)
@@ -46,6 +47,8 @@ def _number(kind, low=None, low_inclusive=False, name=""):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         if low is not None and (value < low if low_inclusive else value <= low):
             raise argparse.ArgumentTypeError(f"must be {'≥' if low_inclusive else '>'} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be ≤ {high}, got {text}")
         return value
 
     return convert
@@ -55,6 +58,7 @@ positive_int = _number(int, 1, low_inclusive=True)
 nonnegative_int = _number(int, 0, low_inclusive=True)
 positive_float = _number(float, 0.0)
 finite_float = _number(float)
+seed_int = _number(int, 0, low_inclusive=True, high=2**64 - 1)  # what numpy and torch both accept
 
 
 def _nonzero_float(text):
@@ -83,8 +87,8 @@ def common_parser(doc, method, default_samples):
                       default=[v for pair in forward.DEFAULT_BOUNDS for v in pair],
                       help="uniform prior box in m (default: %(default)s)")
     run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=0, help="random seed; same seed, same results on CPU (default: %(default)s)")
-    run.add_argument("--samples", type=positive_int, default=default_samples,
+    run.add_argument("--seed", type=seed_int, default=0, help="random seed; same seed, same results on CPU (default: %(default)s)")
+    run.add_argument("--samples", type=_number(int, 2, low_inclusive=True), default=default_samples,
                      help="posterior samples kept (default: %(default)s)")
     run.add_argument("--init", choices=("laplace", "prior"), default="laplace",
                      help="start from the Laplace approximation (default) or from the prior, as the original did")
@@ -137,6 +141,22 @@ def prepare_output(folder):
     return folder
 
 
+#: Every file a run writes into its output folder (SPEC, 'What each script writes').
+RESULT_FILES = ("summary.json", "samples.npz", "marginals.png", "pairs.png", "predictive_check.png",
+                "elbo.png", "trace.png", "autocorrelation.png", "misfit.png")
+
+
+def fail_without_results(folder, message):
+    """Report a failed run: one line on stderr, and no result files left behind that could be taken
+    for this run's (an earlier run's files in the same folder are removed). Returns EXIT_DIVERGED."""
+    removed = [name for name in RESULT_FILES if (Path(folder) / name).exists()]
+    for name in removed:
+        (Path(folder) / name).unlink()
+    note = f" (removed an earlier run's results from {folder})" if removed else ""
+    print(f"{Path(sys.argv[0]).name}: error: {message}. Nothing was written{note}.", file=sys.stderr)
+    return EXIT_DIVERGED
+
+
 def warn_if_on_bound(laplace):
     if laplace.on_bound:
         print(
@@ -177,6 +197,17 @@ def posterior_summary(theta):
 # Interrupts and the top level
 
 
+def quit_now(signum=None, frame=None):
+    """Ctrl-C where nothing can stop early, or a second one: remove half-written files and exit 130 at once.
+
+    Raising KeyboardInterrupt instead is not reliable: it can land in a finaliser or a weakref callback
+    (matplotlib has many), where Python prints a traceback, ignores it and carries on.
+    """
+    output.discard_temporaries()
+    os.write(2, f"\n{Path(sys.argv[0]).name}: interrupted\n".encode())
+    os._exit(EXIT_INTERRUPTED)
+
+
 @contextmanager
 def interruptible(what="the run"):
     """Within the block a first Ctrl-C only sets ``state.interrupted``; a second one exits at once."""
@@ -184,7 +215,7 @@ def interruptible(what="the run"):
 
     def handler(signum, frame):
         if state.interrupted:
-            raise KeyboardInterrupt
+            quit_now(signum, frame)
         state.interrupted = True
         print(f"\ninterrupted: stopping {what} and writing what it has (Ctrl-C again to quit at once)",
               file=sys.stderr, flush=True)
@@ -201,6 +232,7 @@ def run(main, argv=None):
     prog = Path(sys.argv[0]).name
     warnings.simplefilter("default")
     argv = sys.argv[1:] if argv is None else list(argv)
+    previous = signal.signal(signal.SIGINT, quit_now)
     try:
         if any(arg == "--sweep" or arg.startswith("--sweep=") for arg in argv):
             import sweep
@@ -214,6 +246,8 @@ def run(main, argv=None):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         status = EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, previous)
     sys.exit(status or 0)
 
 

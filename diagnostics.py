@@ -57,7 +57,7 @@ def autocorrelation(x):
     return acov / acov[0]
 
 
-def _as_chains(chains):
+def as_chains(chains):
     """(n_steps, n_chains, dim) float array from (n_steps, n_chains, dim) or (n_steps, dim)."""
     chains = np.asarray(chains, dtype=float)
     if chains.ndim == 1:
@@ -71,7 +71,7 @@ def _as_chains(chains):
 
 def mean_autocorrelation(chains):
     """ACF per parameter averaged over chains: (n_steps, dim)."""
-    chains = _as_chains(chains)
+    chains = as_chains(chains)
     n_steps, n_chains, dim = chains.shape
     acf = np.zeros((n_steps, dim))
     for k in range(n_chains):
@@ -99,7 +99,7 @@ def integrated_time(chains, c=5.0, warn=True):
     estimates are returned (and a warning issued when ``warn``), never raised. A parameter that
     never moves in any chain has tau = inf.
     """
-    chains = _as_chains(chains)
+    chains = as_chains(chains)
     n_steps, _, dim = chains.shape
     if n_steps < 2:
         if warn:
@@ -125,7 +125,7 @@ def integrated_time(chains, c=5.0, warn=True):
 
 def effective_sample_size(chains, c=5.0, warn=True):
     """Effective number of independent draws per parameter, n_steps * n_chains / tau: (dim,)."""
-    chains = _as_chains(chains)
+    chains = as_chains(chains)
     n_steps, n_chains, _ = chains.shape
     tau, _ = integrated_time(chains, c=c, warn=warn)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -140,7 +140,7 @@ def split_rhat(chains):
     variance of the sequence means, and R = sqrt(((n-1)/n W + B/n) / W). NaN where fewer than 4
     steps or all sequences are constant.
     """
-    chains = _as_chains(chains)
+    chains = as_chains(chains)
     n_steps, n_chains, dim = chains.shape
     if n_chains < 2:
         return None

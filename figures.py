@@ -145,15 +145,6 @@ def _padded_marginal(reference, i):
     )
 
 
-def _as_chains(chains):
-    chains = np.asarray(chains, dtype=float)
-    if chains.ndim == 1:
-        chains = chains[:, None, None]
-    elif chains.ndim == 2:
-        chains = chains[:, None, :]
-    return chains
-
-
 def _thinned_steps(n_steps):
     stride = max(1, math.ceil(n_steps / MAX_LINE_POINTS))
     return np.arange(0, n_steps, stride), stride
@@ -388,7 +379,7 @@ def plot_trace(path, chains, burn_in=0, title=""):
     from the start would otherwise squash them flat. At most ``MAX_LINE_POINTS`` points per chain
     are drawn (regular thinning).
     """
-    chains = _as_chains(chains)
+    chains = diagnostics.as_chains(chains)
     n_steps, n_chains, dim = chains.shape
     with_burn_in = 0 < burn_in < n_steps
     columns = 2 if with_burn_in else 1
@@ -432,7 +423,7 @@ def plot_autocorrelation(path, chains, title=""):
     ``chains``: the kept steps (n_steps, n_chains, 3). Lags are shown up to 5 times the largest
     integrated autocorrelation time (at least 20, at most the chain length).
     """
-    chains = _as_chains(chains)
+    chains = diagnostics.as_chains(chains)
     n_steps, n_chains, dim = chains.shape
     tau, reliable = diagnostics.integrated_time(chains, warn=False) if n_steps >= 2 else (np.full(dim, np.nan), False)
     acf = diagnostics.mean_autocorrelation(chains)
@@ -534,7 +525,7 @@ def plot_misfit(path, rms_history, noise_sd, burn_in=0, title=""):
 # variational training figure
 
 
-def plot_elbo(path, elbo_history, log_evidence=None, title=""):
+def plot_elbo(path, elbo_history, log_evidence=None, title="", final_kl=None):
     """ELBO per training iteration (raw and running mean), and KL(q||p) = log Z - ELBO when log Z is known.
 
     ``elbo_history``: (n_iterations,) Monte Carlo ELBO estimates in nats; ``log_evidence``: the
@@ -542,6 +533,8 @@ def plot_elbo(path, elbo_history, log_evidence=None, title=""):
     iterations after the first 10 %: the first ones (from a poor start) can be orders of magnitude
     lower and are left off scale, as the panel says. The KL panel shows the running mean on a log
     scale clipped at 1e-3 nats (Monte Carlo noise can make the estimate dip below zero).
+    ``final_kl``: (kl, n_samples) from the evaluation after training, quoted instead of the
+    (noisier) mean of the last training iterations.
     """
     elbo = np.asarray(elbo_history, dtype=float).ravel()
     n = elbo.size
@@ -582,9 +575,13 @@ def plot_elbo(path, elbo_history, log_evidence=None, title=""):
             _plain_log_axis(bottom, finite)
         else:
             _plain_ticks(bottom, 8, 6, integer_x=True)
-        final = float(np.nanmean((log_evidence - elbo)[-window:])) if n else math.nan
-        final_text = f"{final:.0f}" if abs(final) >= 100 else f"{final:.3g}"
-        last = f"mean of the last {window} iterations" if window > 1 else "last iteration"
+        if final_kl is not None:
+            final, n_evaluated = final_kl
+            last = f"{n_evaluated} samples drawn after training"
+        else:
+            final = float(np.nanmean((log_evidence - elbo)[-window:])) if n else math.nan
+            last = f"mean of the last {window} iterations" if window > 1 else "last iteration"
+        final_text = f"{final:.0f}" if abs(final) >= 100 else f"{final:.2g}"
         bottom.text(0.99, 0.95, f"final KL(q‖p) ≈ {final_text} nats\n({last})",
                     transform=bottom.transAxes, ha="right", va="top", fontsize=10,
                     bbox=dict(facecolor="white", alpha=0.85, edgecolor="0.8"))
@@ -596,4 +593,149 @@ def plot_elbo(path, elbo_history, log_evidence=None, title=""):
     axes[-1, 0].xaxis.set_major_locator(MaxNLocator(8, integer=True))
     figure.suptitle(_heading(title, "variational training"))
     figure.tight_layout()
+    output.save_figure(figure, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# figures that compare runs: several methods, or one method over the values of one option
+
+
+def plot_marginals_grid(path, rows, truth=None, title="", error_goal=None):
+    """Small multiples: one row per run, one column per parameter, the run's samples over the exact marginal.
+
+    ``rows``: a list of ``(label, theta, reference)``, where ``label`` names the run (a method, or
+    "iterations = 2000"), ``theta`` is its (n, 3) samples in m and ``reference`` its
+    :class:`reference.Reference` (or None). When every row has the same reference object, each
+    column shares one x axis, zoomed to the exact posterior (mean ± ``VIEW_SDS`` sd), so the rows
+    can be compared by eye; otherwise (a sweep over the data, the noise or the prior) each panel
+    zooms to its own posterior. Samples outside the view are counted on the panel. Each panel
+    states W1/sd against its reference, in red when it exceeds ``error_goal``.
+    """
+    shared = all(row[2] is rows[0][2] for row in rows) and rows[0][2] is not None
+    n_rows = len(rows)
+    figure, axes = plt.subplots(n_rows, 3, figsize=(13, 1.35 * n_rows + 1.4), squeeze=False,
+                                sharex="col" if shared else False)
+    for r, (label, theta, reference) in enumerate(rows):
+        theta, n_total = _finite_rows(theta)
+        scores = reference_module.score(theta, reference)["w1_over_sd"] if reference is not None and len(theta) else None
+        for i in range(3):
+            ax = axes[r, i]
+            truth_i = None if truth is None else truth[i]
+            if reference is not None:  # the posterior's view, never widened by samples that missed it
+                low, high = _view_limits(np.empty(0), reference, i, truth_i)
+            else:
+                low, high = _view_limits(theta[:, i], None, i, truth_i)
+            values = theta[:, i]
+            inside = (values >= low) & (values <= high)
+            counts, edges = np.histogram(values[inside], bins=40, range=(low, high))
+            density = counts / (max(n_total, 1) * np.diff(edges))
+            ax.stairs(density, edges, fill=True, color=SAMPLE_COLOUR, alpha=0.3, lw=0)
+            ax.stairs(density, edges, color=SAMPLE_COLOUR, lw=1.0, label="samples (histogram)")
+            top = density.max() if density.size else 0.0
+            if reference is not None:
+                nodes, exact = _padded_marginal(reference, i)
+                ax.plot(nodes, exact, color=REFERENCE_COLOUR, lw=1.4, label="exact posterior")
+                top = max(exact.max(), min(top, 2.0 * exact.max()))  # a collapsed q is clipped, not a squashed row
+            if truth_i is not None and low <= truth_i <= high:
+                ax.axvline(truth_i, color=TRUTH_COLOUR, ls="--", lw=1.1, label="true value")
+            notes, colour = [], "black"
+            if scores is not None:
+                notes.append(f"W1/sd {scores[i]:.3f}" if scores[i] < 10 else f"W1/sd {scores[i]:.1f}")
+                if error_goal is not None and scores[i] > error_goal:
+                    colour = TRUTH_COLOUR
+            n_out = n_total - int(inside.sum())
+            if n_out:
+                share = 100 * n_out / max(n_total, 1)
+                notes.append(f"{share:.0f} % off view" if share >= 1 else "< 1 % off view")
+            if n_out > 0.2 * n_total:  # say where the samples are when the view cannot show it
+                digits = _decimals(reference.sd[i] if reference is not None else values.std())
+                notes.append(f"samples {values.mean():.{digits}f} ± {values.std():.{digits}f} m")
+            if not n_total:
+                notes.append("no samples")
+            ax.text(0.98, 0.93, "\n".join(notes), transform=ax.transAxes, ha="right", va="top", fontsize=8.5,
+                    color=colour, bbox=dict(facecolor="white", alpha=0.8, edgecolor="none", pad=1.5))
+            ax.set_xlim(low, high)
+            ax.set_ylim(0, 1.3 * top if top > 0 else 1.0)
+            ax.set_yticks([])
+            _plain_ticks(ax, 6)
+            if r == 0:
+                ax.set_title(f"{DESCRIPTIONS[i]} (m)", fontsize=10)
+            if r == n_rows - 1 or not shared:
+                ax.set_xlabel(forward.LABELS[i] if r == n_rows - 1 else "")
+            if i == 0:
+                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9.5)
+    handles, labels = [], []
+    for ax in axes.ravel():
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    height = 1.35 * n_rows + 1.4
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, 0.0))
+    what = "posterior marginals over the exact posterior\n(W1/sd: Wasserstein distance to it, in posterior sd)"
+    figure.suptitle(_heading(title, what), fontsize=11)
+    figure.tight_layout(rect=(0, 0.4 / height, 1, 1), h_pad=0.4)
+    output.save_figure(figure, path)
+
+
+#: KL estimates below this are drawn at it on the log axis (Monte Carlo noise can make them negative).
+KL_FLOOR = 1e-4
+
+
+def plot_cost_accuracy(path, runs, error_goal=None, kl_goal=None, title=""):
+    """What each run cost against how accurate it is: wall time (log) against error and against KL (log).
+
+    ``runs``: a list of dicts with ``label``, ``wall_time_s``, ``error`` (largest W1/sd) and
+    ``kl`` (KL(q||p) in nats; None for MCMC, which has no q) and optionally ``kl_se``, its Monte
+    Carlo standard error (the ELBO's), drawn as a ±2 se bar. Better runs sit lower left. KL
+    estimates below ``KL_FLOOR`` (Monte Carlo noise can make them negative) are drawn at the floor.
+    Dashed lines mark the goals when given.
+    """
+    kl_floor = KL_FLOOR
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xhp<>"
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5.0))
+    times, errors, kls = [], [], []
+    handles = []
+    for k, run in enumerate(runs):
+        style = dict(color=cycle[k % len(cycle)], marker=markers[k % len(markers)], ms=9, ls="none", mec="black", mew=0.6)
+        time_s, error, kl = run.get("wall_time_s"), run.get("error"), run.get("kl")
+        handles.append(Line2D([], [], label=run["label"], **style))
+        if time_s is None or error is None:
+            continue
+        left.plot(time_s, error, **style)
+        times.append(time_s)
+        errors.append(error)
+        if kl is not None:
+            right.plot(time_s, max(kl, kl_floor), **style)
+            kls.append(max(kl, kl_floor))
+            se = run.get("kl_se")
+            if se:
+                low_bar, high_bar = max(kl - 2 * se, kl_floor), max(kl + 2 * se, kl_floor)
+                right.plot([time_s, time_s], [low_bar, high_bar], color=style["color"], lw=1.5, alpha=0.8)
+                kls.append(high_bar)
+    for ax, values, goal, name in ((left, errors, error_goal, "error"), (right, kls, kl_goal, "KL")):
+        if goal is not None:
+            ax.axhline(goal, color=TRUTH_COLOUR, ls="--", lw=1.1, label=f"goal: {name} ≤ {goal:g}")
+            ax.legend(loc="upper right", fontsize=9)
+        shown = values + ([goal] if goal is not None else [])
+        if shown:
+            _plain_log_axis(ax, shown)
+            low, high = min(shown), max(shown)
+            ax.set_ylim(low / 2.0, high * 2.0)
+        if times:
+            _plain_log_axis(ax, times, axis="x")
+            ax.set_xlim(min(times) / 1.4, max(times) * 1.4)
+        ax.set_xlabel("wall time of the run (s, log scale)")
+        ax.grid(True, which="both", color="0.9", lw=0.6)
+    left.set_ylabel("error: largest W1 / posterior sd (log scale)")
+    left.set_title("accuracy of the samples (lower is better)")
+    right.set_ylabel("KL(q‖p) (nats, log scale)")
+    right.set_title(f"flows: KL divergence to the exact posterior, ± 2 Monte Carlo se\n(values below {kl_floor:g} drawn at {kl_floor:g})", fontsize=10)
+    if not kls:
+        right.text(0.5, 0.5, "no flow in this comparison", transform=right.transAxes, ha="center", color="0.4")
+    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), frameon=False, fontsize=9.5)
+    figure.suptitle(_heading(title, "cost against accuracy (lower left is better)"))
+    rows_of_legend = math.ceil(len(handles) / 4)
+    figure.tight_layout(rect=(0, 0.05 + 0.045 * rows_of_legend, 1, 1))
     output.save_figure(figure, path)

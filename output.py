@@ -7,10 +7,15 @@ half-written PNG, JSON or NPZ behind.
 
 import json
 import os
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+
+#: Temporary files being written now, for :func:`discard_temporaries`.
+_WRITING = set()
 
 
 @contextmanager
@@ -18,12 +23,23 @@ def atomic_path(path):
     """Yield a temporary path with the same suffix; rename it to ``path`` if the block succeeds."""
     path = Path(path)
     temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    _WRITING.add(temporary)
     try:
         yield temporary
         os.replace(temporary, path)
     finally:
         if temporary.exists():
             temporary.unlink()
+        _WRITING.discard(temporary)
+
+
+def discard_temporaries():
+    """Remove the temporary files of the writes in progress: the process is about to quit without finishing them."""
+    for temporary in list(_WRITING):
+        try:
+            temporary.unlink()
+        except OSError:  # already renamed or removed
+            pass
 
 
 def _plain(value):
@@ -50,9 +66,17 @@ def write_json(path, content):
 
 
 def write_npz(path, **arrays):
+    """Write arrays as an uncompressed .npz that ``np.load`` reads.
+
+    Unlike ``np.savez``, which stamps every member with the current time, the members carry a
+    fixed date, so the same arrays always give the same bytes (same --seed, same file).
+    """
     with atomic_path(path) as temporary:
-        with open(temporary, "wb") as handle:
-            np.savez(handle, **arrays)
+        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED) as archive:
+            for name, array in arrays.items():
+                member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with archive.open(member, "w", force_zip64=True) as handle:
+                    np.lib.format.write_array(handle, np.asanyarray(array), allow_pickle=False)
 
 
 def save_figure(figure, path, dpi=130):

@@ -52,8 +52,9 @@ def write_results(out, args, problem, reference, theta, method_results, wall_tim
     return summary
 
 
-def print_summary(summary, extra_lines=(), file=sys.stdout):
-    """A short human-readable report of a run."""
+def print_summary(summary, extra_lines=(), file=None):
+    """A short human-readable report of a run (to stdout unless ``file`` is given)."""
+    file = sys.stdout if file is None else file
     print(f"{summary['method']}: posterior of (x0, z, R) in m, against the exact reference", file=file)
     print(f"{'':>4} {'mean':>10} {'sd':>9} {'ref mean':>10} {'ref sd':>9} {'W1/sd':>7}", file=file)
     posterior, ref = summary["posterior"], summary["reference"]

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import cli
 import diagnostics
+import figures
 import forward
 import reference as reference_module
 import report
@@ -226,13 +227,10 @@ def run_flow_method(args, build_layers):
             except TrainingDiverged as error:
                 advice = f"try a smaller --lr (now {args.lr:g}) or gradient clipping (--clip-norm 10)"
                 advice += ", or --init laplace" if args.init == "prior" else ""
-                print(f"{args.method}: error: {error}; {advice}. Nothing was written.", file=sys.stderr)
-                return cli.EXIT_DIVERGED
+                return cli.fail_without_results(out, f"{error}; {advice}")
         theta, log_weights = evaluate(model, log_likelihood, problem.log_prior_density, args.samples, generator)
         if not np.all(np.isfinite(theta)):
-            print(f"{args.method}: error: the trained flow draws non-finite samples; try a smaller --lr. "
-                  "Nothing was written.", file=sys.stderr)
-            return cli.EXIT_DIVERGED
+            return cli.fail_without_results(out, "the trained flow draws non-finite samples; try a smaller --lr")
         results = importance_diagnostics(log_weights, reference.log_evidence)
         results.update(
             iterations=int(history.size),
@@ -240,9 +238,8 @@ def run_flow_method(args, build_layers):
             time_per_iteration_ms=1e3 * training.seconds / max(1, history.size),
             n_parameters=int(sum(p.numel() for p in model.parameters())),
         )
-        import figures
-
-        figures.plot_elbo(out / "elbo.png", history, reference.log_evidence, title=args.method)
+        figures.plot_elbo(out / "elbo.png", history, reference.log_evidence, title=args.method,
+                          final_kl=(results["kl"], args.samples))
     summary = report.write_results(out, args, problem, reference, theta, results, total.seconds, stop.interrupted)
     report.print_summary(summary, [
         f"ELBO {results['elbo']:.4f} ± {results['elbo_se']:.4f}, KL(q||p) {results['kl']:.4f} nats, "

@@ -1,0 +1,334 @@
+"""Run all seven methods on the same data with the same seed, and compare them against the exact posterior.
+
+Each method runs in this process through its own script's ``main`` (one code path per method),
+with the options given here passed on; it prints its usual report and writes its usual outputs into
+OUT/<method>/. Then OUT/ gets:
+
+  table.md, table.csv   per method: error (largest W1/sd), KL(q||p), importance ESS and PSIS k-hat
+                        (flows), ESS per second and R-hat (MCMC), iterations, wall time, time per
+                        iteration, and the per-iteration cost of each flow against the bare flow;
+                        table.md also checks the project's speed and accuracy goals (PASS/FAIL);
+  marginals.png         every method's three marginals over the exact posterior (small multiples);
+  cost_accuracy.png     wall time against error and against KL, log scales.
+
+--quick makes a short smoke run (flows 300 iterations, MCMC 2000 + 200 burn-in per chain): its
+numbers are not the methods' accuracy. --methods picks a subset, e.g. the original README's spline
+against affine coupling study:
+
+  python compare.py --methods coupling_Affine,coupling_NSF --iterations 1500 --init prior
+
+--sweep NAME=V1,V2,... repeats the comparison for each value of one of these options (see sweep.py).
+"""
+
+import importlib
+import statistics
+import sys
+import time
+import traceback
+
+import cli
+import figures
+import forward
+import reference as reference_module
+import sweep
+from forward import DataError
+
+METHODS = ("MCMC", "planar", "auto_Affine", "auto_NSF", "coupling_Affine", "coupling_NSF", "invertible_Affine")
+SPLINE_FLOWS = ("auto_NSF", "coupling_NSF")
+WHAT = {
+    "MCMC": "random-walk Metropolis–Hastings",
+    "planar": "planar flow",
+    "auto_Affine": "autoregressive affine (IAF)",
+    "auto_NSF": "autoregressive spline (NSF)",
+    "coupling_Affine": "coupling affine (RealNVP)",
+    "coupling_NSF": "coupling spline (NSF)",
+    "invertible_Affine": "Glow: ActNorm + 1×1 + coupling",
+}
+
+#: --quick: a smoke run of every code path, not an accurate one.
+QUICK_FLOW_ITERATIONS = 300
+QUICK_MCMC = ("--iterations", "2000", "--burn-in", "200")
+
+#: The per-iteration cost ratio: time per training iteration at this batch, median over the repeats.
+TIMING_BATCH = 64
+TIMING = {"iterations": 300, "repeats": 3, "warm_up": 30}
+QUICK_TIMING = {"iterations": 30, "repeats": 1, "warm_up": 5}
+
+#: The project's goals, for the default settings on a laptop CPU (README).
+ERROR_GOAL = 0.05
+MCMC_ERROR_GOAL = 0.03
+KL_GOAL = 0.005
+TRAIN_TIME_GOAL_S = {"affine": 15.0, "spline": 20.0}
+COST_RATIO_GOAL = {"affine": 3.0, "spline": 5.0}
+TOTAL_TIME_GOAL_S = 180.0
+
+
+def parse_args(argv):
+    parser = cli.common_parser(__doc__, "compare", default_samples=10_000)
+    group = parser.add_argument_group("comparison")
+    group.add_argument("--methods", default=",".join(METHODS),
+                       help="comma-separated methods to run, in this order (default: all seven: %(default)s)")
+    group.add_argument("--iterations", type=cli.positive_int,
+                       help="training iterations of every flow (default: each flow's own; MCMC keeps its own)")
+    group.add_argument("--quick", action="store_true",
+                       help=f"a short smoke run: flows {QUICK_FLOW_ITERATIONS} iterations, MCMC "
+                            f"{QUICK_MCMC[1]} + {QUICK_MCMC[3]} burn-in per chain, a short cost-ratio timing")
+    group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the flows train (default: %(default)s)")
+    group.add_argument("--no-cost-ratio", action="store_true",
+                       help="skip timing each flow's training iteration against the bare flow (saves about 20 s)")
+    args = parser.parse_args(argv)
+    args.methods = _methods(args.methods)
+    return args
+
+
+def _methods(text):
+    by_lower = {method.lower(): method for method in METHODS}
+    chosen = []
+    for name in (part.strip() for part in text.split(",")):
+        if name.lower().removeprefix("gravity_").removesuffix(".py") not in by_lower:
+            raise DataError(f"--methods: unknown method {name!r}; choose from {', '.join(METHODS)}")
+        method = by_lower[name.lower().removeprefix("gravity_").removesuffix(".py")]
+        if method not in chosen:
+            chosen.append(method)
+    return chosen
+
+
+def _script(method):
+    return importlib.import_module(f"Gravity_{method}")
+
+
+def common_argv(args):
+    """The options every method gets alike: the data, the prior, the seed, the start and the samples."""
+    argv = ["--noise", repr(args.noise), "--density", repr(args.density), "--bounds", *map(repr, args.bounds),
+            "--seed", str(args.seed), "--init", args.init, "--samples", str(args.samples)]
+    return argv + (["--data", args.data] if args.data is not None else [])
+
+
+def method_argv(args, method, folder):
+    """The command line that runs ``method`` with the options given to compare.py."""
+    argv = common_argv(args) + ["--out", str(folder)]
+    if args.quiet:
+        argv.append("--quiet")
+    if method == "MCMC":
+        return argv + (list(QUICK_MCMC) if args.quick else [])
+    iterations = args.iterations or (QUICK_FLOW_ITERATIONS if args.quick else None)
+    return argv + (["--iterations", str(iterations)] if iterations else []) + ["--device", args.device]
+
+
+def run_method(method, argv, folder):
+    """Run one method's script in this process. Returns a dict: status, note, summary and theta (None if it failed)."""
+    folder = cli.prepare_output(folder)
+    started = time.time()
+    note = ""
+    try:
+        status = _script(method).main(argv) or 0
+    except DataError as error:
+        status, note = cli.EXIT_USAGE, str(error)
+    except SystemExit as stop:  # argparse refused an option
+        status = stop.code if isinstance(stop.code, int) else 1
+    except Exception as error:  # a bug in one method must not lose the others' results
+        traceback.print_exc()
+        status, note = 1, f"{type(error).__name__}: {error}"
+    loaded = sweep.load_run(folder, written_since=started) if status in (0, cli.EXIT_INTERRUPTED) else None
+    if loaded is None and status == 0:
+        status, note = 1, "it wrote no summary.json"
+    summary, theta = loaded if loaded is not None else (None, None)
+    return {"method": method, "status": status, "note": note, "summary": summary, "theta": theta}
+
+
+def _status_text(run):
+    if run["status"] == 0:
+        return "ok"
+    if run["status"] == cli.EXIT_INTERRUPTED:
+        return "interrupted"
+    what = {cli.EXIT_DIVERGED: "training diverged", cli.EXIT_USAGE: "bad input"}.get(run["status"], "failed")
+    return f"FAILED: {what} (exit status {run['status']})" + (f": {run['note']}" if run["note"] else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-iteration cost of each flow against the bare flow
+
+
+def time_per_iteration(methods, problem, laplace, device_name="cpu", iterations=300, repeats=3, warm_up=30):
+    """Median seconds per training iteration (batch 64) of each flow at its default settings, and of the bare flow.
+
+    The bare flow is the same variational posterior with no layers: the learnable affine base
+    (a Gaussian q), so the ratio is what each method's layers add to a training step, whose floor
+    is the likelihood of 64 samples at every station. Every flow is built as its script builds it
+    (its ``build_layers`` with its default options) and trained by :func:`vi.train`; after a
+    warm-up, each repeat times every flow once in turn, so that a busy stretch of the machine slows
+    all of them alike, and the median over repeats is kept. Returns ``{method: seconds, "bare": seconds}``.
+    """
+    import torch
+
+    import vi
+
+    device = vi.device_for(device_name)
+    log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)
+    models = {}
+    for method in methods:
+        script = _script(method)
+        args = sweep.script_parser(script.main).parse_args([])
+        models[method] = (vi.build_flow(args, script.build_layers, laplace, problem, device), args)
+    if not models:
+        return {}
+    any_args = next(iter(models.values()))[1]
+    models["bare"] = (vi.build_flow(any_args, lambda args: [], laplace, problem, device), any_args)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def train(model, args, n):
+        vi.train(model, log_likelihood, problem.log_prior_density, n, TIMING_BATCH, args.lr, args.clip_norm,
+                 args.clip_value, generator=generator, progress=False)
+
+    for model, args in models.values():
+        train(model, args, warm_up)
+    seconds = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, (model, args) in models.items():
+            start = time.perf_counter()
+            train(model, args, iterations)
+            seconds[name].append((time.perf_counter() - start) / iterations)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Goals
+
+
+def _kind(method):
+    return "spline" if method in SPLINE_FLOWS else "affine"
+
+
+def _judge(value, limit, fmt, unit=""):
+    if value is None:
+        return "— FAIL (no result)", False
+    passed = value <= limit
+    return f"{fmt.format(value)}{unit} ≤ {limit:g}{unit} {'PASS' if passed else 'FAIL'}", passed
+
+
+def check_goals(runs, ratios, total_seconds, why_no_ratio="not measured"):
+    """The goals table (markdown) and the number of goals passed and checked."""
+    lines = ["| method | error | KL (nats) | training time | cost ratio vs bare flow |", "|:---|:---|:---|:---|:---|"]
+    passed = checked = 0
+    for run in runs:
+        method, summary = run["method"], run["summary"] or {}
+        cells = []
+        error_limit = MCMC_ERROR_GOAL if method == "MCMC" else ERROR_GOAL
+        checks = [(summary.get("error"), error_limit, "{:.4f}", "")]
+        if method != "MCMC":
+            ratio = ratios.get(method)
+            checks += [(summary.get("kl"), KL_GOAL, "{:.4f}", ""),
+                       (summary.get("train_time_s"), TRAIN_TIME_GOAL_S[_kind(method)], "{:.1f}", " s")]
+        for value, limit, fmt, unit in checks:
+            text, ok = _judge(value, limit, fmt, unit)
+            cells.append(text)
+            passed, checked = passed + ok, checked + 1
+        if method == "MCMC":
+            cells += ["", "", ""]
+        elif ratios:
+            text, ok = _judge(ratios.get(method), COST_RATIO_GOAL[_kind(method)], "{:.2f}", "×")
+            cells.append(text)
+            passed, checked = passed + ok, checked + 1
+        else:
+            cells.append(why_no_ratio)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    text, ok = _judge(total_seconds, TOTAL_TIME_GOAL_S, "{:.0f}", " s")
+    passed, checked = passed + ok, checked + 1
+    lines.append("")
+    lines.append(f"Whole comparison (all methods, figures and the cost-ratio timing): {text}.")
+    return "\n".join(lines), passed, checked
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    started = time.perf_counter()
+    args = parse_args(argv)
+    problem = cli.load_problem(args)
+    out = cli.prepare_output(args.out)
+    laplace = forward.laplace_approximation(problem)
+    reference = reference_module.compute_reference(problem, laplace)
+
+    runs = []
+    for k, method in enumerate(args.methods):
+        print(f"compare: [{k + 1}/{len(args.methods)}] {method} ({WHAT[method]}) -> {out / method}/", file=sys.stderr, flush=True)
+        run = run_method(method, method_argv(args, method, out / method), out / method)
+        runs.append(run)
+        summary = run["summary"]
+        if summary is not None:
+            kl = f", KL {summary['kl']:.4f} nats" if summary.get("kl") is not None else ""
+            print(f"compare:   error {summary['error']:.4f}{kl}, wall time {summary['wall_time_s']:.1f} s", file=sys.stderr)
+        else:
+            print(f"compare:   {_status_text(run)}", file=sys.stderr)
+        if run["status"] == cli.EXIT_INTERRUPTED:
+            print("compare: interrupted; writing the table of the methods done", file=sys.stderr)
+            break
+    interrupted = any(run["status"] == cli.EXIT_INTERRUPTED for run in runs)
+
+    flows = [run["method"] for run in runs if run["method"] != "MCMC" and run["summary"] is not None]
+    timing = QUICK_TIMING if args.quick else TIMING
+    ratios, bare_ms = {}, None
+    if flows and not args.no_cost_ratio and not interrupted:
+        print(f"compare: timing a training iteration of each flow against the bare flow "
+              f"({timing['repeats']} × {timing['iterations']} iterations each)", file=sys.stderr, flush=True)
+        seconds = time_per_iteration(flows, problem, laplace, args.device, **timing)
+        bare_ms = 1e3 * seconds["bare"]
+        ratios = {method: seconds[method] / seconds["bare"] for method in flows}
+
+    rows = []
+    for run in runs:
+        row = sweep.summary_row(run["summary"]) if run["summary"] is not None else {"method": run["method"]}
+        row["cost_ratio"] = ratios.get(run["method"])
+        row["status"] = _status_text(run)
+        rows.append(row)
+
+    title = f"compare ({'quick smoke run, ' if args.quick else ''}seed {args.seed}, --init {args.init})"
+    done = [run for run in runs if run["theta"] is not None]
+    if done:
+        truth = problem.truth
+        figures.plot_marginals_grid(out / "marginals.png", [(f"{run['method']}\n{WHAT[run['method']]}", run["theta"], reference)
+                                                            for run in done], truth, title=title, error_goal=ERROR_GOAL)
+        figures.plot_cost_accuracy(out / "cost_accuracy.png", [
+            {"label": run["method"], "wall_time_s": run["summary"]["wall_time_s"], "error": run["summary"]["error"],
+             "kl": run["summary"].get("kl"), "kl_se": run["summary"].get("elbo_se")} for run in done], ERROR_GOAL, KL_GOAL, title=title)
+
+    total = time.perf_counter() - started
+    why_no_ratio = "not measured (--no-cost-ratio)" if args.no_cost_ratio else "not measured"
+    goals, passed, checked = check_goals(runs, ratios, total, why_no_ratio)
+    notes = [
+        "Every method ran with `" + " ".join(common_argv(args)) + "`" + (", --quick" if args.quick else "")
+        + (f", flows --iterations {args.iterations}" if args.iterations else "") + ".",
+        "",
+        "- error: the largest, over x0, z and R, Wasserstein-1 distance between the method's samples and the exact "
+        "marginal, in posterior sd. KL: KL(q‖p) = log Z − ELBO in nats (flows). IS ESS: effective sample size of the "
+        "importance weights p/q, in % of the samples; k-hat: Pareto k of PSIS (below 0.7: q is a reliable proposal).",
+        "- MCMC ESS/s: the smallest ESS over the three parameters per second of sampling; R-hat: largest split R-hat "
+        "over the chains. MCMC iterations are kept steps per chain (the chains run together, vectorised); its "
+        "time/iteration is one step of all chains.",
+        "- wall time: the method's whole run (data, exact reference, Laplace start, training or sampling, evaluation), "
+        "not counting its figures; train/sample time: the training loop or the sampler alone.",
+    ]
+    if ratios:
+        notes.append(
+            f"- cost ratio: time of one training iteration at batch {TIMING_BATCH} of the flow at its default settings "
+            f"against the bare flow (the learnable affine base alone, a Gaussian q: {bare_ms:.2f} ms per iteration), "
+            f"measured in this process: median of {timing['repeats']} interleaved repeats of {timing['iterations']} "
+            "iterations each, after a warm-up.")
+    notes += ["", f"## Goals: {passed} of {checked} PASS", "",
+              "The goals, set for the default settings on a 2-core laptop CPU: every error ≤ 0.05 (MCMC ≤ 0.03), every "
+              "flow KL ≤ 0.005, flow training ≤ 15 s (spline flows 20 s), a training iteration ≤ 3× the bare flow's "
+              "(spline flows 5×), and the whole comparison under 3 minutes."
+              + (" This run is not at the defaults, so its FAILs say nothing about the methods." if args.quick
+                 or args.iterations or args.init != "laplace" or args.data else ""), "", goals]
+    heading = "Seven ways to the same posterior" if len(args.methods) == len(METHODS) else ", ".join(args.methods)
+    text = sweep.write_tables(out, sweep.COLUMNS, rows, f"{heading}: {title}", "\n".join(notes))
+    print(text)
+    print(f"compare: {len(done)} of {len(runs)} methods ran; goals {passed} of {checked} PASS; "
+          f"{total:.0f} s in all; wrote {out}/", file=sys.stderr)
+    failed = [run["status"] for run in runs if run["status"]]
+    return failed[0] if failed else 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
