@@ -158,17 +158,17 @@ def main(argv=None):
             "ess_per_s": float(np.min(ess) / sampling.seconds),
             "time_per_iteration_ms": 1e3 * sampling.seconds / chains.shape[0],
         }
-        figures.plot_trace(out / "trace.png", chains, burn_in=burn_in, title=args.method)
-        figures.plot_autocorrelation(out / "autocorrelation.png", kept, title=args.method)
         # RMS misfit in µGal from the log-likelihood: sum((r/sigma)^2) = -2 misfit (exact for one sigma;
         # with per-station sigma it is the noise-weighted RMS, in units of the RMS sigma)
         noise_level = float(np.sqrt(np.mean(problem.noise_sd_array**2)))
         misfit = log_posterior - problem.log_prior_density - problem.log_likelihood_constant
         rms = noise_level * np.sqrt(np.maximum(-2.0 * misfit, 0.0) / problem.n_stations)
-        figures.plot_misfit(out / "misfit.png", rms, noise_level, burn_in=burn_in, title=args.method)
+    figures.plot_trace(out / "trace.png", chains, burn_in=burn_in, title=args.method)
+    figures.plot_autocorrelation(out / "autocorrelation.png", kept, title=args.method)
+    figures.plot_misfit(out / "misfit.png", rms, noise_level, burn_in=burn_in, title=args.method)
     summary = report.write_results(out, args, problem, reference, theta, results, total.seconds, stop.interrupted)
     report.print_summary(summary, [
-        f"{kept.shape[1]} chains × {kept.shape[0]} kept iterations (burn-in {burn_in}), "
+        f"{kept.shape[1]} chain{'s' if kept.shape[1] > 1 else ''} × {kept.shape[0]} kept iterations (burn-in {burn_in}), "
         f"acceptance {100 * results['acceptance']:.1f} %",
         "τ " + ", ".join(f"{t:.1f}" for t in tau) + "; ESS " + ", ".join(f"{e:.0f}" for e in ess)
         + f"; min ESS per second of sampling {results['ess_per_s']:.0f}",

@@ -238,8 +238,8 @@ def run_flow_method(args, build_layers):
             time_per_iteration_ms=1e3 * training.seconds / max(1, history.size),
             n_parameters=int(sum(p.numel() for p in model.parameters())),
         )
-        figures.plot_elbo(out / "elbo.png", history, reference.log_evidence, title=args.method,
-                          final_kl=(results["kl"], args.samples))
+    figures.plot_elbo(out / "elbo.png", history, reference.log_evidence, title=args.method,
+                      final_kl=(results["kl"], args.samples))
     summary = report.write_results(out, args, problem, reference, theta, results, total.seconds, stop.interrupted)
     report.print_summary(summary, [
         f"ELBO {results['elbo']:.4f} ± {results['elbo_se']:.4f}, KL(q||p) {results['kl']:.4f} nats, "
