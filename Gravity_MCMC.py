@@ -131,25 +131,29 @@ def main(argv=None):
         rng = np.random.default_rng(args.seed)
         starts, proposal_chol = initial_states(args, problem, laplace, rng)
         with cli.interruptible("sampling") as stop, cli.Timer() as sampling:
-            chains, log_posterior, accepted = metropolis_hastings(problem, starts, proposal_chol, args.burn_in + args.iterations,
+            chains, log_posterior, _ = metropolis_hastings(problem, starts, proposal_chol, args.burn_in + args.iterations,
                                                         rng, progress=not args.quiet, stop=stop)
         burn_in = min(args.burn_in, chains.shape[0] // 2)  # an interrupted run keeps its second half at least
         kept = chains[burn_in:]
         tau, reliable = diagnostics.integrated_time(kept, warn=False)
-        ess = diagnostics.effective_sample_size(kept, warn=False)
+        ess = diagnostics.effective_sample_size(kept, tau=tau)
         rhat = diagnostics.split_rhat(kept) if kept.shape[1] > 1 else None
         if not reliable:
             print(f"warning: the chains are short for their autocorrelation time (τ up to {np.max(tau):.0f}, "
                   f"{kept.shape[0]} kept iterations): ESS and τ are rough; run more --iterations", file=sys.stderr)
 
+        # acceptance of the kept steps: a step was accepted exactly when the state moved (a proposal
+        # equal to the current state has probability zero)
+        moved = np.any(np.diff(kept, axis=0) != 0, axis=-1)
+        acceptance = moved.mean(axis=0) if moved.size else np.full(kept.shape[1], np.nan)
         pooled = kept.reshape(-1, 3)
         theta = pooled[np.linspace(0, pooled.shape[0] - 1, min(args.samples, pooled.shape[0])).round().astype(int)]
         results = {
             "iterations": int(kept.shape[0]),
             "burn_in": int(burn_in),
             "chains": int(kept.shape[1]),
-            "acceptance": float(np.mean(accepted / chains.shape[0])),
-            "acceptance_per_chain": (accepted / chains.shape[0]).tolist(),
+            "acceptance": float(np.mean(acceptance)),
+            "acceptance_per_chain": acceptance.tolist(),
             "tau": tau.tolist(),
             "tau_reliable": bool(reliable),
             "ess": ess.tolist(),
@@ -169,7 +173,7 @@ def main(argv=None):
     summary = report.write_results(out, args, problem, reference, theta, results, total.seconds, stop.interrupted)
     report.print_summary(summary, [
         f"{kept.shape[1]} chain{'s' if kept.shape[1] > 1 else ''} × {kept.shape[0]} kept iterations (burn-in {burn_in}), "
-        f"acceptance {100 * results['acceptance']:.1f} %",
+        f"acceptance after burn-in {100 * results['acceptance']:.1f} %",
         "τ " + ", ".join(f"{t:.1f}" for t in tau) + "; ESS " + ", ".join(f"{e:.0f}" for e in ess)
         + f"; min ESS per second of sampling {results['ess_per_s']:.0f}",
         "split R-hat " + ("n/a (one chain)" if rhat is None else ", ".join(f"{r:.4f}" for r in rhat)),

@@ -6,8 +6,8 @@ Each step is ActNorm, an invertible linear map and an affine coupling layer:
     linear:    y = W x,  W = L U,                   log|det| = sum log diag(U)
     coupling:  y_A = x_A,  y_B = x_B exp(s(x_A)) + t(x_A),   log|det| = sum_B s
 
-W is parameterised by its LU factors (unit-lower L, upper U with a positive diagonal
-softplus(.) + eps), so that inverting it is two triangular solves and its log-determinant is free.
+W is parameterised by its LU factors (unit-lower L, upper U with a positive diagonal exp(s)), so
+that inverting it is two triangular solves and its log-determinant is free.
 The learnable linear map lets the flow choose which mixtures of (x0, z, R) the couplings act on —
 useful here, where depth and radius are strongly correlated. (Glow's fixed permutation is not
 needed with three features and a learnt W; the couplings alternate their split instead.)

@@ -123,11 +123,14 @@ def integrated_time(chains, c=5.0, warn=True):
     return tau, reliable
 
 
-def effective_sample_size(chains, c=5.0, warn=True):
-    """Effective number of independent draws per parameter, n_steps * n_chains / tau: (dim,)."""
+def effective_sample_size(chains, c=5.0, warn=True, tau=None):
+    """Effective number of independent draws per parameter, n_steps * n_chains / tau: (dim,).
+
+    ``tau``: the chains' integrated time if already known (from :func:`integrated_time`)."""
     chains = as_chains(chains)
     n_steps, n_chains, _ = chains.shape
-    tau, _ = integrated_time(chains, c=c, warn=warn)
+    if tau is None:
+        tau, _ = integrated_time(chains, c=c, warn=warn)
     with np.errstate(divide="ignore", invalid="ignore"):
         return n_steps * n_chains / tau
 
@@ -176,11 +179,15 @@ def fit_generalized_pareto(x, min_grid=30):
     if quartile <= 0:
         quartile = x[x > 0][0]
     j = np.arange(1, m + 1)
-    b = -1.0 / x[-1] + (np.sqrt(m / (j - 0.5)) - 1.0) / (3.0 * quartile)
-    k_of_b = np.mean(np.log1p(b[:, None] * x[None, :]), axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        # exceedances spanning hundreds of decades (one weight dominating) overflow the grid
+        b = -1.0 / x[-1] + (np.sqrt(m / (j - 0.5)) - 1.0) / (3.0 * quartile)
+        b = b[np.isfinite(b)]
+        k_of_b = np.mean(np.log1p(b[:, None] * x[None, :]), axis=1)
         profile = n * (np.log(b / k_of_b) - k_of_b - 1.0)
     profile = np.where(np.isfinite(profile), profile, -np.inf)
+    if not np.any(np.isfinite(profile)):
+        return math.inf, math.nan  # a tail too heavy to fit: k is beyond any useful value
     weights = np.exp(profile - profile.max())
     weights /= weights.sum()
     b_hat = float(np.sum(weights * b))

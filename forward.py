@@ -23,6 +23,7 @@ from functools import cached_property
 import numpy as np
 import torch
 from scipy import optimize
+from scipy.special import expit
 
 G = 6.674e-11  # m^3 kg^-1 s^-2
 MICROGAL_PER_SI = 1e8
@@ -57,15 +58,15 @@ def sphere_anomaly(stations, theta, density=DEFAULT_DENSITY):
 
 
 def sphere_anomaly_gradient(stations, theta, density=DEFAULT_DENSITY):
-    """d g / d theta at each station, numpy: (..., n, 3), for the quasi-Newton MAP search."""
+    """d g / d theta at each station, numpy: (..., n, 3), for the quasi-Newton MAP search.
+
+    With r² = z² + (x - x0)²: dg/dx0 = 3 g (x - x0) / r², dg/dz = g (1/z - 3 z / r²), dg/dR = 3 g / R.
+    """
+    g = sphere_anomaly(stations, theta, density)
     x0, z, radius = theta[..., 0:1], theta[..., 1:2], theta[..., 2:3]
     offset = stations - x0
     r2 = z**2 + offset**2
-    g = G * density * (4.0 / 3.0) * math.pi * MICROGAL_PER_SI * radius**3 * z / r2**1.5
-    d_x0 = g * 3.0 * offset / r2
-    d_z = g * (1.0 / z - 3.0 * z / r2)
-    d_radius = g * 3.0 / radius
-    return np.stack([d_x0, d_z, d_radius], axis=-1)
+    return np.stack([g * 3.0 * offset / r2, g * (1.0 / z - 3.0 * z / r2), g * 3.0 / radius], axis=-1)
 
 
 def gaussian_misfit(predicted, observed, weights):
@@ -138,9 +139,6 @@ class Problem:
         values[inside] = self.log_likelihood(theta[inside]) + self.log_prior_density
         return values
 
-    def rms_misfit(self, theta):
-        """Root-mean-square residual (µGal) of each parameter set, to compare with the noise level."""
-        return np.sqrt(np.mean((self.g_obs - self.predict(np.asarray(theta))) ** 2, axis=-1))
 
 
 def synthetic_problem(
@@ -281,28 +279,16 @@ class BoxBijection(torch.nn.Module):
         return u, -self.forward(u)[1]
 
 
-def to_unconstrained(problem, theta):
-    """numpy: u such that theta = lo + (hi - lo) * sigmoid(u)."""
-    fraction = (np.asarray(theta) - problem.bounds[:, 0]) / (problem.bounds[:, 1] - problem.bounds[:, 0])
-    return np.log(fraction) - np.log1p(-fraction)
-
-
 def to_box(problem, u):
     """numpy: theta = lo + (hi - lo) * sigmoid(u), and dtheta/du per coordinate."""
-    sig = 0.5 * (1.0 + np.tanh(0.5 * np.asarray(u)))
+    sig = expit(np.asarray(u))
     width = problem.bounds[:, 1] - problem.bounds[:, 0]
     return problem.bounds[:, 0] + width * sig, width * sig * (1.0 - sig)
 
 
-def log_posterior_u(problem, u):
-    """numpy log-density of u (unnormalised): log L(theta(u)) + log prior + log|dtheta/du| = misfit - softplus(u) - softplus(-u)."""
-    theta, _ = to_box(problem, u)
-    return problem.misfit(theta) - np.sum(np.logaddexp(0.0, u) + np.logaddexp(0.0, -u), axis=-1)
-
-
 def _misfit_and_gradient(problem, theta):
     residual = problem.g_obs - problem.predict(theta)
-    weighted = residual * problem.noise_sd_array**-2.0
+    weighted = residual * problem.weights
     return -0.5 * np.sum(residual * weighted), weighted @ sphere_anomaly_gradient(problem.stations, theta, problem.density)
 
 
@@ -310,9 +296,9 @@ def _log_posterior_u_and_gradient(problem, u, with_jacobian):
     theta, dtheta_du = to_box(problem, u)
     value, gradient = _misfit_and_gradient(problem, theta)
     gradient = gradient * dtheta_du
-    if with_jacobian:
+    if with_jacobian:  # log|dtheta/du| = sum log(width) - softplus(u) - softplus(-u), up to a constant
         value -= np.sum(np.logaddexp(0.0, u) + np.logaddexp(0.0, -u))
-        gradient += 1.0 - 2.0 * 0.5 * (1.0 + np.tanh(0.5 * u))
+        gradient += 1.0 - 2.0 * expit(u)
     return value, gradient
 
 
@@ -341,7 +327,6 @@ class Laplace:
     theta_cov: np.ndarray
     u_map: np.ndarray
     u_cov: np.ndarray
-    log_posterior_max: float
     on_bound: tuple
 
     @property
@@ -362,11 +347,26 @@ def _minimise(problem, starts_u, with_jacobian):
     return best.x
 
 
+def _covariance(negative_hessian, theta_map, space):
+    """Inverse of a Hessian that must be positive definite at a mode; DataError where it is not."""
+    try:
+        np.linalg.cholesky(negative_hessian)
+    except np.linalg.LinAlgError:
+        where = ", ".join(f"{name} = {value:.4g} m" for name, value in zip(PARAMETERS, theta_map))
+        raise DataError(
+            f"the data do not determine the sphere: the posterior has no peak at its best fit ({where}) — it is flat "
+            f"or curved the wrong way in some direction of {space}. Check that the profile shows an anomaly, its "
+            "units (x in m, g in µGal) and --density, and widen --bounds if the best fit sits on one"
+        ) from None
+    return np.linalg.inv(negative_hessian)
+
+
 def laplace_approximation(problem, n_starts=8, seed=0):
     """MAP by BFGS from the box centre and a few seeded starts, then inverse Hessians.
 
     The search runs in u-space, so every iterate lies inside the box. A mode within 1e-3 of the
-    box width of a bound is reported in ``on_bound`` (the prior box is then too tight).
+    box width of a bound is reported in ``on_bound`` (the prior box is then too tight). Data with
+    no peaked posterior (a Hessian that is not negative definite at the mode) raise DataError.
     """
     rng = np.random.default_rng(seed)
     starts = [np.zeros(3)] + [rng.uniform(-2.0, 2.0, size=3) for _ in range(n_starts - 1)]
@@ -376,10 +376,11 @@ def laplace_approximation(problem, n_starts=8, seed=0):
     def theta_gradient(theta):
         return _misfit_and_gradient(problem, np.clip(theta, problem.bounds[:, 0], problem.bounds[:, 1]))[1]
 
-    theta_cov = np.linalg.inv(-_hessian(theta_gradient, theta_map))
+    theta_cov = _covariance(-_hessian(theta_gradient, theta_map), theta_map, "(x0, z, R)")
 
     u_map = _minimise(problem, [u_theta_map], with_jacobian=True)
-    u_cov = np.linalg.inv(-_hessian(lambda u: _log_posterior_u_and_gradient(problem, u, True)[1], u_map))
+    u_cov = _covariance(-_hessian(lambda u: _log_posterior_u_and_gradient(problem, u, True)[1], u_map),
+                        theta_map, "the unconstrained coordinates")
 
     width = problem.bounds[:, 1] - problem.bounds[:, 0]
     near = np.minimum(theta_map - problem.bounds[:, 0], problem.bounds[:, 1] - theta_map) < 1e-3 * width
@@ -388,6 +389,5 @@ def laplace_approximation(problem, n_starts=8, seed=0):
         theta_cov=theta_cov,
         u_map=u_map,
         u_cov=u_cov,
-        log_posterior_max=float(problem.misfit(theta_map)),
         on_bound=tuple(name for name, flag in zip(PARAMETERS, near) if flag),
     )

@@ -7,8 +7,7 @@ Every layer is a ``torch.nn.Module`` on ``(batch, 3)`` tensors with one interfac
 
 ``logabsdet`` has shape ``(batch,)``: log |det dy/du| for ``forward``, log |det du/dy| for ``inverse``.
 Every layer is exactly the identity at initialisation (the last layer of each conditioner is zeroed),
-so a flow starts from its base distribution and training refines it. The one exception is
-``Permutation``, a fixed reordering; it preserves volume and maps N(0, I) onto itself.
+so a flow starts from its base distribution and training refines it.
 
 Papers:
 
@@ -198,13 +197,18 @@ class Planar(nn.Module):
         return self._constrained()[0]
 
     def forward(self, z):
-        u_hat, w_dot_u_hat = self._constrained()
+        u_hat, _ = self._constrained()
         h = torch.tanh(z @ self.w + self.b)
         y = z + h[:, None] * u_hat
-        # ûᵀψ = (1 - h²) wᵀû, with wᵀû taken as m(wᵀu) rather than recomputed as w @ û: equal in exact
-        # arithmetic, but w @ û can round below -1 when u is huge and anti-parallel to w.
-        logabsdet = torch.log1p((1 - h * h) * w_dot_u_hat)
-        return y, logabsdet
+        # 1 + ûᵀψ = 1 + (1 - h²) m(a), a = wᵀu (m(a) rather than w @ û, which can round below -1).
+        # For a < 0, m(a) = eᵃ - 1 and 1 + (1 - h²)(eᵃ - 1) = h² + (1 - h²) eᵃ: a sum of two
+        # non-negative terms, free of the cancellation that makes the first form -inf when eᵃ
+        # rounds to 0 and h is small. Both branches are finite for every input, so torch.where
+        # passes finite gradients.
+        a = self.w @ self.u
+        positive = torch.log1p((1 - h * h) * a.clamp(min=0))
+        negative = torch.log(h * h + (1 - h * h) * torch.exp(a.clamp(max=0)))
+        return y, torch.where(a >= 0, positive, negative)
 
     def inverse(self, y):
         raise NotImplementedError("a planar flow has no closed-form inverse (Rezende & Mohamed 2015)")
@@ -247,8 +251,8 @@ class LULinear(nn.Module):
 
     Inverse by two triangular solves, x = (y L⁻ᵀ) U⁻ᵀ (``torch.linalg.solve_triangular``).
     Glow's W = P L U also has a fixed permutation P; it is left out so that W = I at initialisation
-    (all parameters zero), exactly. Where a reordering is wanted, put a ``Permutation`` layer in the
-    flow. The diagonal is exp of a learnable parameter (as in Glow; it is not a network output), so it
+    (all parameters zero), exactly; the learnt W mixes the features, and the couplings of
+    consecutive steps alternate their split. The diagonal is exp of a learnable parameter (as in Glow; it is not a network output), so it
     is exactly 1 at initialisation in every dtype and its log-determinant needs no log.
     The ``shift`` Glow's 1x1 convolution lacks too is provided by ``ActNorm``.
     """
@@ -275,31 +279,6 @@ class LULinear(nn.Module):
         z = torch.linalg.solve_triangular(lower.T, y, upper=True, left=False, unitriangular=True)
         x = torch.linalg.solve_triangular(upper.T, z, upper=False, left=False)
         return x, -self.log_diagonal.sum().expand(y.shape[0])
-
-
-class Permutation(nn.Module):
-    """A fixed reordering of the features: y_i = x_{order[i]}, log|det| = 0.
-
-    ``order`` defaults to the reversal. It has no parameters and is not the identity (unless
-    ``order`` is), but it preserves volume and maps N(0, I) onto itself.
-    """
-
-    def __init__(self, dim=3, order=None):
-        super().__init__()
-        order = list(range(dim))[::-1] if order is None else [int(feature) for feature in order]
-        if sorted(order) != list(range(dim)):
-            raise ValueError(f"order {order} is not a permutation of range({dim})")
-        inverse_order = [0] * dim
-        for position, feature in enumerate(order):
-            inverse_order[feature] = position
-        self.register_buffer("order", torch.tensor(order, dtype=torch.long))
-        self.register_buffer("inverse_order", torch.tensor(inverse_order, dtype=torch.long))
-
-    def forward(self, x):
-        return x.index_select(1, self.order), x.new_zeros(x.shape[0])
-
-    def inverse(self, y):
-        return y.index_select(1, self.inverse_order), y.new_zeros(y.shape[0])
 
 
 class FlowSequence(nn.Module):

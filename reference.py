@@ -116,7 +116,7 @@ def compute_reference(problem, laplace=None, grid_points=GRID_POINTS, window_sds
     nodes = [np.linspace(lo, hi, grid_points) for lo, hi in zip(low, high)]
     weights = [_trapezoid_weights(n) for n in nodes]
 
-    w = problem.noise_sd_array**-2.0
+    w = problem.weights
     d = problem.g_obs
     x0, z, radius = nodes
     # h(x0, z) at every station, one x0 row at a time to bound memory: (nz, n_stations) per row

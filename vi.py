@@ -35,6 +35,7 @@ import figures
 import forward
 import reference as reference_module
 import report
+import splines
 from layers import FlowSequence
 
 #: The base map's diagonal is softplus(raw + _DIAGONAL_SHIFT) + _DIAGONAL_EPS: exactly 1 at raw = 0, never 0.
@@ -179,8 +180,8 @@ def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=Fal
     clip.add_argument("--clip-value", type=cli.positive_float, metavar="X", help="clip every gradient component to [-X, X]")
     group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: %(default)s)")
     if spline:
-        group.add_argument("--bins", type=cli.positive_int, default=8, help="spline bins K (default: %(default)s)")
-        group.add_argument("--tail-bound", type=cli.positive_float, default=5.0, metavar="B",
+        group.add_argument("--bins", type=cli.positive_int, default=splines.DEFAULT_BINS, help="spline bins K (default: %(default)s)")
+        group.add_argument("--tail-bound", type=cli.positive_float, default=splines.DEFAULT_TAIL_BOUND, metavar="B",
                            help="the spline acts on [-B, B], identity outside (default: %(default)s)")
     return parser
 
@@ -199,7 +200,10 @@ def device_for(name):
 
 
 def build_flow(args, build_layers, laplace, problem, device):
-    """The FlowPosterior for these options; layer weights from ``args.seed``, the global RNG untouched."""
+    """The FlowPosterior for these options, its layer weights drawn from ``args.seed``.
+
+    The CPU's global generator is restored afterwards (training and sampling use their own
+    generators, so nothing depends on any global random state)."""
     shift, scale_tril = standardisation(args.init, laplace)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)

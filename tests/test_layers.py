@@ -187,7 +187,7 @@ def test_planar_stays_invertible_where_the_raw_u_would_not_be():
     assert not (torch.diff(unconstrained @ w) > 0).all()
 
 
-# -- ActNorm, LULinear, Permutation -----------------------------------------------------------------
+# -- ActNorm, LULinear -----------------------------------------------------------------------------
 
 
 def test_actnorm_passes_the_harness():
@@ -210,27 +210,6 @@ def test_lulinear_log_det_is_slogdet_of_the_explicit_matrix():
     torch.testing.assert_close(layer(x)[1], logabsdet.expand(5))
     torch.testing.assert_close(layer.inverse(x)[1], -logabsdet.expand(5))
     assert sign > 0  # det W = prod exp(log_diagonal) > 0
-
-
-def test_permutation_round_trip_and_zero_log_det():
-    # No parameters, so the harness's gradient check does not apply; the other checks run here.
-    layer = layers.Permutation(DIM, order=[2, 0, 1]).double()
-    x = sample_inputs()
-    torch.testing.assert_close(layer(x)[0], x[:, [2, 0, 1]], atol=0, rtol=0)
-    check_forward_logdet(layer, x)
-    check_round_trip(layer, x)
-    assert (layer(x)[1] == 0).all()
-    x.requires_grad_(True)
-    layer(x)[0][:, 0].sum().backward()  # gradients pass through to the input
-    torch.testing.assert_close(x.grad, torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64).expand_as(x))
-
-
-def test_permutation_defaults_to_reversal_and_rejects_non_permutations():
-    x = sample_inputs(n=3)
-    torch.testing.assert_close(layers.Permutation(DIM).double()(x)[0], x.flip(1), atol=0, rtol=0)
-    check_identity_at_init(layers.Permutation(DIM, order=[0, 1, 2]).double(), x)
-    with pytest.raises(ValueError, match="not a permutation"):
-        layers.Permutation(DIM, order=[0, 0, 1])
 
 
 # -- compositions -----------------------------------------------------------------------------------
@@ -265,18 +244,17 @@ def test_flow_sequence_with_a_planar_layer_passes_the_harness_and_has_no_inverse
         layers.FlowSequence([layers.Planar(DIM), layers.ActNorm(DIM)]).inverse(sample_inputs(n=2))
 
 
-def test_flow_sequence_with_a_permutation_composes_in_order():
+def test_flow_sequence_composes_in_order():
     torch.manual_seed(0)
-    permutation = layers.Permutation(DIM, order=[1, 2, 0])
-    coupling = layers.AffineCoupling(DIM, [0], hidden=HIDDEN)
-    flow = randomize_(layers.FlowSequence([coupling, permutation]).double())
+    flow = randomize_(layers.FlowSequence([layers.AffineCoupling(DIM, [0], hidden=HIDDEN), layers.LULinear(DIM)]).double())
     x = sample_inputs()
     y, logabsdet = flow(x)
     after_coupling, coupling_logabsdet = flow.layers[0](x)
-    torch.testing.assert_close(y, after_coupling[:, [1, 2, 0]])  # order matters: not permuted first
-    torch.testing.assert_close(logabsdet, coupling_logabsdet)
-    check_forward_logdet(flow, x)
-    check_round_trip(flow, x)
+    expected, linear_logabsdet = flow.layers[1](after_coupling)
+    torch.testing.assert_close(y, expected)  # coupling first, then the linear map
+    torch.testing.assert_close(logabsdet, coupling_logabsdet + linear_logabsdet)
+    reversed_order = flow.layers[0](flow.layers[1](x)[0])[0]
+    assert not torch.allclose(y, reversed_order)
 
 
 # -- both precisions --------------------------------------------------------------------------------

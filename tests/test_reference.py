@@ -25,6 +25,7 @@ def test_grid_refinement_changes_nothing(default_problem, default_laplace, defau
 
 def test_wider_window_changes_nothing(default_problem, default_laplace, default_reference):
     wide = reference.compute_reference(default_problem, default_laplace, grid_points=161, window_sds=11)
+    assert np.all(np.abs(wide.mean - default_reference.mean) < 1e-3 * wide.sd)
     np.testing.assert_allclose(default_reference.sd, wide.sd, rtol=1e-3)
     assert default_reference.log_evidence == pytest.approx(wide.log_evidence, abs=1e-6)
 
@@ -76,3 +77,15 @@ def test_too_narrow_samples_score_badly(default_reference):
     assert reference.score(narrow, default_reference)["w1_over_sd"][0] == pytest.approx(0.399, abs=0.02)
 
 
+
+
+def test_grid_density_is_the_normalised_posterior_with_per_station_sigma():
+    """log_density + log Z must equal the problem's own log posterior at every grid node (any sigma)."""
+    problem = forward.synthetic_problem()
+    problem = forward.Problem(problem.stations, problem.g_obs, np.linspace(0.5, 2.0, problem.n_stations),
+                              bounds=problem.bounds)
+    result = reference.compute_reference(problem, grid_points=41)
+    rng = np.random.default_rng(0)
+    index = tuple(rng.integers(0, 41, size=(3, 20)))
+    nodes = np.stack([result.nodes[axis][index[axis]] for axis in range(3)], axis=1)
+    np.testing.assert_allclose(result.log_density[index] + result.log_evidence, problem.log_posterior(nodes), rtol=1e-10)

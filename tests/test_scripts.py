@@ -50,3 +50,16 @@ def test_help_states_the_defaults(name):
     result = subprocess.run([sys.executable, name, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert "--out" in result.stdout and "--seed" in result.stdout and "default" in result.stdout
+
+
+def test_training_takes_a_flow_from_the_prior_to_the_posterior(tmp_path):
+    """From --init prior the start is a hundred times too wide: only training can make the flow accurate
+    (from the Laplace start, the end-to-end tests above could not tell a training loop that does nothing)."""
+    runs = {}
+    for iterations in (1, 1500):
+        out = tmp_path / str(iterations)
+        argv = ["--init", "prior", "--iterations", str(iterations), "--samples", "2000", "--out", str(out), "--quiet"]
+        assert Gravity_coupling_NSF.main(argv) == 0
+        runs[iterations] = json.loads((out / "summary.json").read_text())
+    assert runs[1]["kl"] > 100 and runs[1]["error"] > 10
+    assert runs[1500]["kl"] < 3 and runs[1500]["error"] < 0.5
