@@ -99,7 +99,7 @@ DEFAULTS = {
 }
 
 
-def parse_args(argv):
+def build_parser():
     parser = cli.common_parser(__doc__, "MCMC", default_samples=10_000)
     group = parser.add_argument_group("sampler (defaults depend on --init: laplace | prior)")
     group.add_argument("--chains", type=cli.positive_int, help="chains run together (default: 4 | 1)")
@@ -110,7 +110,12 @@ def parse_args(argv):
                             f"2.38/sqrt(3) (default 1); prior: the isotropic proposal sd in m (default {ORIGINAL_PROPOSAL_SCALE})")
     group.add_argument("--start", type=cli.finite_float, nargs=3, metavar=("X0", "Z", "R"),
                        help=f"start of the first chain (default: near the MAP | {ORIGINAL_START})")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    """The options, with the defaults that depend on --init filled in."""
+    args = build_parser().parse_args(argv)
     for name, value in DEFAULTS[args.init].items():
         if getattr(args, name) is None:
             setattr(args, name, value)

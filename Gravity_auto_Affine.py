@@ -22,9 +22,12 @@ def build_layers(args):
     return [AutoregressiveAffine(dim=3, hidden=args.hidden, order=order) for order in layer_orders(3, args.flows)]
 
 
+def build_parser():
+    return vi.flow_parser(__doc__, "auto_Affine", iterations=3000, flows=4, hidden=32, lr=0.005)
+
+
 def main(argv=None):
-    parser = vi.flow_parser(__doc__, "auto_Affine", iterations=3000, flows=4, hidden=32, lr=0.005)
-    return vi.run_flow_method(parser.parse_args(argv), build_layers)
+    return vi.run_flow_method(build_parser().parse_args(argv), build_layers)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,12 @@ def build_layers(args):
     return [AffineCoupling(dim=3, transformed=coupling_mask(3, k), hidden=args.hidden) for k in range(args.flows)]
 
 
+def build_parser():
+    return vi.flow_parser(__doc__, "coupling_Affine", iterations=3000, flows=4, hidden=32, lr=0.005)
+
+
 def main(argv=None):
-    parser = vi.flow_parser(__doc__, "coupling_Affine", iterations=3000, flows=4, hidden=32, lr=0.005)
-    return vi.run_flow_method(parser.parse_args(argv), build_layers)
+    return vi.run_flow_method(build_parser().parse_args(argv), build_layers)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,12 @@ def build_layers(args):
     ]
 
 
+def build_parser():
+    return vi.flow_parser(__doc__, "coupling_NSF", iterations=2000, flows=3, hidden=32, lr=0.005, spline=True)
+
+
 def main(argv=None):
-    parser = vi.flow_parser(__doc__, "coupling_NSF", iterations=2000, flows=3, hidden=32, lr=0.005, spline=True)
-    return vi.run_flow_method(parser.parse_args(argv), build_layers)
+    return vi.run_flow_method(build_parser().parse_args(argv), build_layers)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,12 @@ def build_layers(args):
     return [GlowStep(dim=3, hidden=args.hidden, index=k) for k in range(args.flows)]
 
 
+def build_parser():
+    return vi.flow_parser(__doc__, "invertible_Affine", iterations=3000, flows=3, hidden=32, lr=0.005)
+
+
 def main(argv=None):
-    parser = vi.flow_parser(__doc__, "invertible_Affine", iterations=3000, flows=3, hidden=32, lr=0.005)
-    return vi.run_flow_method(parser.parse_args(argv), build_layers)
+    return vi.run_flow_method(build_parser().parse_args(argv), build_layers)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,12 @@ def build_layers(args):
     return [Planar(dim=3) for _ in range(args.flows)]
 
 
+def build_parser():
+    return vi.flow_parser(__doc__, "planar", iterations=3000, flows=8, hidden=None, lr=0.01)
+
+
 def main(argv=None):
-    parser = vi.flow_parser(__doc__, "planar", iterations=3000, flows=8, hidden=None, lr=0.01)
-    return vi.run_flow_method(parser.parse_args(argv), build_layers)
+    return vi.run_flow_method(build_parser().parse_args(argv), build_layers)
 
 
 if __name__ == "__main__":

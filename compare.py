@@ -66,7 +66,7 @@ TOTAL_TIME_GOAL_S = 180.0
 MCMC_SPEEDUP_GOAL = 20.0
 
 
-def parse_args(argv):
+def build_parser():
     parser = cli.common_parser(__doc__, "compare", default_samples=10_000)
     group = parser.add_argument_group("comparison")
     group.add_argument("--methods", default=",".join(METHODS),
@@ -79,7 +79,11 @@ def parse_args(argv):
     group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the flows train (default: %(default)s)")
     group.add_argument("--no-cost-ratio", action="store_true",
                        help="skip timing each flow's training iteration against the bare flow (saves about 20 s)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    args = build_parser().parse_args(argv)
     args.methods = _methods(args.methods)
     return args
 
@@ -171,7 +175,7 @@ def time_per_iteration(methods, problem, laplace, device_name="cpu", iterations=
     models = {}
     for method in methods:
         script = _script(method)
-        args = sweep.script_parser(script.main).parse_args([])
+        args = script.build_parser().parse_args([])
         models[method] = (vi.build_flow(args, script.build_layers, laplace, problem, device), args)
     if not models:
         return {}

@@ -40,32 +40,13 @@ from forward import DataError
 # The script's options, without running it
 
 
-class _ParserFound(Exception):
-    def __init__(self, parser):
-        super().__init__("parser found")
-        self.parser = parser
-
-
 def script_parser(main):
-    """The argument parser that a script's ``main(argv)`` builds, found without running the script.
+    """The argument parser of the script whose ``main`` this is: its module's ``build_parser()``.
 
-    Every script's ``main`` starts by building its parser (``cli.common_parser`` makes a
-    :class:`cli.Parser`) and parsing the command line; that first parse is intercepted and the
-    parser handed back, so the script's options and defaults are known in one place, its own.
+    Every script (and ``compare.py``) builds its options in ``build_parser()``, so a sweep knows
+    the script's options and defaults from the script itself, without running it.
     """
-
-    def intercept(parser, *args, **kwargs):
-        raise _ParserFound(parser)
-
-    original = cli.Parser.parse_args
-    cli.Parser.parse_args = intercept
-    try:
-        main([])
-    except _ParserFound as found:
-        return found.parser
-    finally:
-        cli.Parser.parse_args = original
-    raise RuntimeError(f"{getattr(main, '__module__', main)}.main did not parse a command line")
+    return sys.modules[main.__module__].build_parser()
 
 
 # ----------------------------------------------------------------------------------------------
