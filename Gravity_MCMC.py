@@ -29,7 +29,6 @@ import cli
 import diagnostics
 import figures
 import forward
-import reference as reference_module
 import report
 
 ORIGINAL_START = (5.5, 8.5, 4.5)
@@ -126,12 +125,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     with cli.Timer() as total:
-        problem = cli.load_problem(args)
-        cli.check_start(args.start, problem.bounds)
-        out = cli.prepare_output(args.out)
-        laplace = forward.laplace_approximation(problem)
-        cli.warn_if_on_bound(laplace)
-        reference = reference_module.compute_reference(problem, laplace)
+        cli.check_start(args.start, forward.check_bounds(args.bounds))
+        problem, out, laplace, reference = cli.setup_run(args)
 
         rng = np.random.default_rng(args.seed)
         starts, proposal_chol = initial_states(args, problem, laplace, rng)
@@ -173,7 +168,7 @@ def main(argv=None):
         misfit = log_posterior - problem.log_prior_density - problem.log_likelihood_constant
         rms = noise_level * np.sqrt(np.maximum(-2.0 * misfit, 0.0) / problem.n_stations)
     figures.plot_trace(out / "trace.png", chains, burn_in=burn_in, title=args.method)
-    figures.plot_autocorrelation(out / "autocorrelation.png", kept, title=args.method)
+    figures.plot_autocorrelation(out / "autocorrelation.png", kept, title=args.method, tau=(tau, reliable))
     figures.plot_misfit(out / "misfit.png", rms, noise_level, burn_in=burn_in, title=args.method)
     summary = report.write_results(out, args, problem, reference, theta, results, total.seconds, stop.interrupted)
     report.print_summary(summary, [

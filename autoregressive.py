@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers import LOG_SCALE_BOUND, soft_clip
+from layers import affine_from_params
 from splines import DEFAULT_BINS, DEFAULT_TAIL_BOUND, spline_from_params, spline_param_count
 
 
@@ -113,20 +113,15 @@ class AutoregressiveAffine(nn.Module):
         self.dim = dim
         self.made = MADE(dim, hidden, 2, order)
 
-    def _scale_shift(self, u):
-        params = self.made(u)
-        return soft_clip(params[..., 0], LOG_SCALE_BOUND), params[..., 1]
-
     def forward(self, u):
-        log_scale, shift = self._scale_shift(u)
-        return u * torch.exp(log_scale) + shift, log_scale.sum(-1)
+        y, logabsdet = affine_from_params(u, self.made(u))
+        return y, logabsdet.sum(-1)
 
     def inverse(self, y):
         u = torch.zeros_like(y)
         for _ in range(self.dim):
-            log_scale, shift = self._scale_shift(u)
-            u = (y - shift) * torch.exp(-log_scale)
-        return u, -log_scale.sum(-1)
+            u, logabsdet = affine_from_params(y, self.made(u), inverse=True)
+        return u, logabsdet.sum(-1)
 
 
 class AutoregressiveSpline(nn.Module):

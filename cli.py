@@ -10,7 +10,6 @@ import argparse
 import hashlib
 import math
 import os
-import platform
 import signal
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 
 import forward
 import output
+import reference
 from forward import DataError
 
 EXIT_USAGE = 2
@@ -157,6 +157,16 @@ def fail_without_results(folder, message):
     return EXIT_DIVERGED
 
 
+def setup_run(args):
+    """What every method needs before it starts: the problem, the output folder, the Laplace
+    approximation (a warning if its mode sits on a prior bound) and the exact reference posterior."""
+    problem = load_problem(args)
+    out = prepare_output(args.out)
+    laplace = forward.laplace_approximation(problem)
+    warn_if_on_bound(laplace)
+    return problem, out, laplace, reference.compute_reference(problem, laplace)
+
+
 def warn_if_on_bound(laplace):
     if laplace.on_bound:
         print(
@@ -164,33 +174,6 @@ def warn_if_on_bound(laplace):
             "the box is too tight for these data; widen --bounds",
             file=sys.stderr,
         )
-
-
-def data_description(problem):
-    sigma = problem.noise_sd
-    return {
-        **problem.source,
-        "n_stations": int(problem.n_stations),
-        "x_range_m": [float(problem.stations.min()), float(problem.stations.max())],
-        "noise_sd_ugal": float(sigma) if np.ndim(sigma) == 0 else {"min": float(np.min(sigma)), "max": float(np.max(sigma))},
-        "density_kg_m3": float(problem.density),
-        "bounds_m": problem.bounds.tolist(),
-    }
-
-
-def versions():
-    import matplotlib
-    import scipy
-    import torch
-
-    return {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
-            "torch": torch.__version__, "matplotlib": matplotlib.__version__}
-
-
-def posterior_summary(theta):
-    quantiles = np.quantile(theta, [0.05, 0.5, 0.95], axis=0)
-    return {"mean": theta.mean(axis=0).tolist(), "sd": theta.std(axis=0, ddof=1).tolist(),
-            "q05": quantiles[0].tolist(), "q50": quantiles[1].tolist(), "q95": quantiles[2].tolist()}
 
 
 # ----------------------------------------------------------------------------------------------

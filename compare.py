@@ -29,7 +29,6 @@ import traceback
 import cli
 import figures
 import forward
-import reference as reference_module
 import sweep
 from forward import DataError
 
@@ -236,7 +235,6 @@ def check_goals(runs, ratios, total_seconds, why_no_ratio="not measured", speedu
         error_limit = MCMC_ERROR_GOAL if method == "MCMC" else ERROR_GOAL
         checks = [(summary.get("error"), error_limit, "{:.4f}", "")]
         if method != "MCMC":
-            ratio = ratios.get(method)
             checks += [(summary.get("kl"), KL_GOAL, "{:.4f}", ""),
                        (summary.get("train_time_s"), TRAIN_TIME_GOAL_S[_kind(method)], "{:.1f}", " s")]
         for value, limit, fmt, unit in checks:
@@ -273,10 +271,7 @@ def check_goals(runs, ratios, total_seconds, why_no_ratio="not measured", speedu
 def main(argv=None):
     started = time.perf_counter()
     args = parse_args(argv)
-    problem = cli.load_problem(args)
-    out = cli.prepare_output(args.out)
-    laplace = forward.laplace_approximation(problem)
-    reference = reference_module.compute_reference(problem, laplace)
+    problem, out, laplace, reference = cli.setup_run(args)
 
     runs = []
     for k, method in enumerate(args.methods):

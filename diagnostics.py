@@ -196,6 +196,10 @@ def fit_generalized_pareto(x, min_grid=30):
     return k_hat, sigma_hat
 
 
+#: exp(x) of float64 is zero (or denormal) below about -708.
+_LOG_UNDERFLOW = -700.0
+
+
 def psis_khat(log_weights, prior_adjustment=True):
     """Pareto k-hat of the importance weights exp(log_weights) (PSIS, Vehtari et al. 2024).
 
@@ -204,7 +208,8 @@ def psis_khat(log_weights, prior_adjustment=True):
     weights do not overflow. Zero weights (log weight -inf) count in S but never enter the tail.
     With ``prior_adjustment`` k is shrunk toward 0.5 as in the PSIS paper, ``(M k + 5) / (M + 10)``.
     Returns -inf when the tail weights are all equal (q proportional to p there; the loo package's
-    convention), inf when fewer than M + 1 weights are positive, NaN for fewer than 25 weights or
+    convention), inf when fewer than M + 1 weights are positive or the tail spans so many decades
+    that it underflows (one weight dominating), NaN for fewer than 25 weights or
     NaN input.
     """
     log_weights = np.asarray(log_weights, dtype=float).ravel()
@@ -217,6 +222,10 @@ def psis_khat(log_weights, prior_adjustment=True):
     if not np.isfinite(threshold):
         return math.inf
     top = tail[-1]
+    if tail[0] - top < _LOG_UNDERFLOW:
+        # The tail's weights span more than ~300 decades: most exceedances underflow to zero and
+        # could not be fitted, but such a tail is as heavy as any k-hat can say.
+        return math.inf
     exceedances = np.exp(tail - top) - np.exp(threshold - top)
     if not np.any(exceedances > 0):
         return -math.inf

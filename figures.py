@@ -199,15 +199,17 @@ def _running_mean(values, window):
 # posterior figures
 
 
-def plot_marginals(path, theta, reference=None, truth=None, title=""):
+def plot_marginals(path, theta, reference=None, truth=None, title="", scores=None):
     """Histogram of each parameter's samples, the exact marginal density over it, and the true value.
 
     ``theta``: (n, 3) samples (x0, z, R) in m; ``reference``: :class:`reference.Reference` or None;
     ``truth``: the true (x0, z, R) or None. Each panel states the samples' mean ± sd, the exact
-    one, and W1/sd against the reference.
+    one, and W1/sd against the reference (``scores``: those of :func:`reference.score`, if the
+    caller has them already).
     """
     theta, n_total = _finite_rows(theta)
-    scores = reference_module.score(theta, reference)["w1_over_sd"] if reference is not None and len(theta) else None
+    if scores is None and reference is not None and len(theta):
+        scores = reference_module.score(theta, reference)["w1_over_sd"]
     limits = _all_view_limits(theta, reference, truth)
     figure, axes = plt.subplots(1, 3, figsize=(14, 4.6))
     for i, ax in enumerate(axes):
@@ -417,15 +419,21 @@ def plot_trace(path, chains, burn_in=0, title=""):
     output.save_figure(figure, path)
 
 
-def plot_autocorrelation(path, chains, title=""):
+def plot_autocorrelation(path, chains, title="", tau=None):
     """Autocorrelation function of each parameter (averaged over chains), with tau and the ESS.
 
-    ``chains``: the kept steps (n_steps, n_chains, 3). Lags are shown up to 5 times the largest
-    integrated autocorrelation time (at least 20, at most the chain length).
+    ``chains``: the kept steps (n_steps, n_chains, 3); ``tau``: ``(tau, reliable)`` from
+    :func:`diagnostics.integrated_time` if the caller has it already. Lags are shown up to 5 times
+    the largest integrated autocorrelation time (at least 20, at most the chain length).
     """
     chains = diagnostics.as_chains(chains)
     n_steps, n_chains, dim = chains.shape
-    tau, reliable = diagnostics.integrated_time(chains, warn=False) if n_steps >= 2 else (np.full(dim, np.nan), False)
+    if tau is not None:
+        tau, reliable = tau
+    elif n_steps >= 2:
+        tau, reliable = diagnostics.integrated_time(chains, warn=False)
+    else:
+        tau, reliable = np.full(dim, np.nan), False
     acf = diagnostics.mean_autocorrelation(chains)
     finite_tau = tau[np.isfinite(tau)]
     max_lag = int(min(n_steps - 1, max(20, 5 * finite_tau.max()) if finite_tau.size else 100))

@@ -30,6 +30,20 @@ def soft_clip(x, bound):
     return bound * torch.tanh(x / bound)
 
 
+def affine_from_params(x, params, inverse=False):
+    """The element-wise affine map of the coupling and autoregressive affine layers.
+
+    ``params[..., 0]`` is the raw log-scale, soft-clipped to s = LOG_SCALE_BOUND tanh(raw / LOG_SCALE_BOUND);
+    ``params[..., 1]`` the shift t. Forward: y = x exp(s) + t, log-derivative s; inverse:
+    x = (y - t) exp(-s), log-derivative -s. Returns ``(output, logabsdet)``, both element-wise.
+    """
+    log_scale = soft_clip(params[..., 0], LOG_SCALE_BOUND)
+    shift = params[..., 1]
+    if inverse:
+        return (x - shift) * torch.exp(-log_scale), -log_scale
+    return x * torch.exp(log_scale) + shift, log_scale
+
+
 def conditioner(n_inputs, n_outputs, hidden):
     """A small MLP whose last layer is zeroed, so the layer it conditions starts as the identity."""
     network = nn.Sequential(
@@ -143,11 +157,7 @@ class AffineCoupling(Coupling):
         super().__init__(dim, transformed, hidden, n_params_per_feature=2)
 
     def _elementwise(self, x_transformed, params, inverse):
-        log_scale = soft_clip(params[..., 0], LOG_SCALE_BOUND)
-        shift = params[..., 1]
-        if inverse:
-            return (x_transformed - shift) * torch.exp(-log_scale), -log_scale.sum(dim=1)
-        return x_transformed * torch.exp(log_scale) + shift, log_scale.sum(dim=1)
+        return affine_from_params(x_transformed, params, inverse)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ marginal, divided by the reference sd; *the error* of a run is the largest of th
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy.special import logsumexp
@@ -49,12 +50,14 @@ class Reference:
     log_density: np.ndarray
     log_evidence: float
 
-    def _cell_mass(self):
+    @cached_property
+    def cell_mass(self):
+        """Probability of each grid cell (density times the trapezoid weights); sums to 1."""
         w0, w1, w2 = self.weights
         return np.exp(self.log_density) * w0[:, None, None] * w1[None, :, None] * w2[None, None, :]
 
     def __post_init__(self):
-        mass = self._cell_mass()
+        mass = self.cell_mass
         self.mean = np.array([np.sum(mass.sum(axis=tuple(a for a in range(3) if a != i)) * self.nodes[i]) for i in range(3)])
         grids = np.meshgrid(*self.nodes, indexing="ij")
         centred = [grid - m for grid, m in zip(grids, self.mean)]
@@ -65,13 +68,13 @@ class Reference:
     def marginal(self, i):
         """(nodes, density) of the 1-D marginal of parameter ``i``; the density integrates to 1."""
         others = tuple(a for a in range(3) if a != i)
-        mass = self._cell_mass().sum(axis=others)
+        mass = self.cell_mass.sum(axis=others)
         return self.nodes[i], mass / self.weights[i]
 
     def joint_marginal(self, i, j):
         """(nodes_i, nodes_j, density[i, j]) of the 2-D marginal of parameters i < j."""
         other = ({0, 1, 2} - {i, j}).pop()
-        mass = self._cell_mass().sum(axis=other)
+        mass = self.cell_mass.sum(axis=other)
         return self.nodes[i], self.nodes[j], mass / np.outer(self.weights[i], self.weights[j])
 
     def marginal_cdf(self, i):
@@ -87,7 +90,7 @@ class Reference:
 
     def sample(self, n, rng):
         """Draw n parameter sets: a grid cell by its probability mass, then uniformly within it."""
-        mass = self._cell_mass().ravel()
+        mass = self.cell_mass.ravel()
         cells = rng.choice(mass.size, size=n, p=mass / mass.sum())
         index = np.unravel_index(cells, self.log_density.shape)
         columns = []

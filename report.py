@@ -1,14 +1,44 @@
 """The outputs every method writes: summary.json, samples.npz and the shared figures (SPEC, 'What each script writes')."""
 
+import platform
 import sys
 
 import numpy as np
 
-import cli
 import figures
 import forward
 import output
 import reference as reference_module
+
+
+def data_description(problem):
+    """Where the data came from and what they are, for summary.json."""
+    sigma = problem.noise_sd
+    return {
+        **problem.source,
+        "n_stations": int(problem.n_stations),
+        "x_range_m": [float(problem.stations.min()), float(problem.stations.max())],
+        "noise_sd_ugal": float(sigma) if np.ndim(sigma) == 0 else {"min": float(np.min(sigma)), "max": float(np.max(sigma))},
+        "density_kg_m3": float(problem.density),
+        "bounds_m": problem.bounds.tolist(),
+    }
+
+
+def versions():
+    """The versions of Python and the libraries a result depends on."""
+    import matplotlib
+    import scipy
+    import torch
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
+            "torch": torch.__version__, "matplotlib": matplotlib.__version__}
+
+
+def posterior_summary(theta):
+    """Mean, sd and 5/50/95 % quantiles of each parameter's samples."""
+    quantiles = np.quantile(theta, [0.05, 0.5, 0.95], axis=0)
+    return {"mean": theta.mean(axis=0).tolist(), "sd": theta.std(axis=0, ddof=1).tolist(),
+            "q05": quantiles[0].tolist(), "q50": quantiles[1].tolist(), "q95": quantiles[2].tolist()}
 
 
 def write_results(out, args, problem, reference, theta, method_results, wall_time_s, interrupted=False):
@@ -23,18 +53,18 @@ def write_results(out, args, problem, reference, theta, method_results, wall_tim
     summary = {
         "method": args.method,
         "settings": {key: value for key, value in sorted(vars(args).items()) if key != "method"},
-        "data": cli.data_description(problem),
+        "data": data_description(problem),
         "parameters": list(forward.PARAMETERS),
         "units": "m",
         "truth": None if problem.truth is None else np.asarray(problem.truth).tolist(),
-        "posterior": cli.posterior_summary(theta),
+        "posterior": posterior_summary(theta),
         "reference": reference.summary(),
         "error": scores["error"],
         "w1_over_sd": scores["w1_over_sd"],
         **method_results,
         "wall_time_s": wall_time_s,
         "interrupted": bool(interrupted),
-        "versions": cli.versions(),
+        "versions": versions(),
     }
     output.write_npz(
         out / "samples.npz",
@@ -45,7 +75,7 @@ def write_results(out, args, problem, reference, theta, method_results, wall_tim
         density=np.asarray(problem.density, dtype=float),
     )
     rng = np.random.default_rng(args.seed)
-    figures.plot_marginals(out / "marginals.png", theta, reference, problem.truth, title=title)
+    figures.plot_marginals(out / "marginals.png", theta, reference, problem.truth, title=title, scores=scores["w1_over_sd"])
     figures.plot_pairs(out / "pairs.png", theta, reference, problem.truth, title=title)
     figures.plot_predictive_check(out / "predictive_check.png", problem, theta, rng, title=title)
     output.write_json(out / "summary.json", summary)

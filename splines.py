@@ -22,6 +22,7 @@ form suffers there (Press et al., Numerical Recipes, sec. 5.6).
 ``SplineCoupling`` is the coupling layer (Dinh et al. 2017) whose element-wise transform is this spline.
 """
 
+import functools
 import math
 
 import torch
@@ -68,6 +69,15 @@ def _knot_derivatives(raw_derivatives):
     return torch.cat([one, interior, one], dim=-1)
 
 
+@functools.lru_cache(maxsize=None)
+def _gather_offsets(stride, device):
+    """Where x_k, x_{k+1}, y_k, y_{k+1}, d_k, d_{k+1} sit in the concatenated table, relative to bin k.
+
+    Made once per (bins, device), not at every call: on a GPU each new small tensor is a copy from
+    the host in the middle of the training step."""
+    return torch.tensor([0, 1, stride, stride + 1, 2 * stride, 2 * stride + 1], device=device)
+
+
 def rational_quadratic_spline(x, raw_widths, raw_heights, raw_derivatives, inverse=False,
                               tail_bound=DEFAULT_TAIL_BOUND):
     """Monotone rational-quadratic spline on [-B, B], identity outside (Durkan et al. 2019).
@@ -111,7 +121,7 @@ def rational_quadratic_spline(x, raw_widths, raw_heights, raw_derivatives, inver
     # One gather for the six numbers the bin needs: x_k, x_{k+1}, y_k, y_{k+1}, d_k, d_{k+1}.
     table = torch.cat([knots_x, knots_y, derivatives], dim=-1)
     stride = bins + 1
-    offsets = torch.tensor([0, 1, stride, stride + 1, 2 * stride, 2 * stride + 1], device=x.device)
+    offsets = _gather_offsets(stride, x.device)
     x_lo, x_hi, y_lo, y_hi, d_lo, d_hi = torch.gather(table, -1, index + offsets).unbind(-1)
 
     width = x_hi - x_lo

@@ -33,7 +33,6 @@ import cli
 import diagnostics
 import figures
 import forward
-import reference as reference_module
 import report
 import splines
 from layers import FlowSequence
@@ -215,11 +214,7 @@ def run_flow_method(args, build_layers):
     """Everything a flow script does after parsing: data, reference, training, evaluation, outputs."""
     with cli.Timer() as total:
         device = device_for(args.device)
-        problem = cli.load_problem(args)
-        out = cli.prepare_output(args.out)
-        laplace = forward.laplace_approximation(problem)
-        cli.warn_if_on_bound(laplace)
-        reference = reference_module.compute_reference(problem, laplace)
+        problem, out, laplace, reference = cli.setup_run(args)
 
         model = build_flow(args, build_layers, laplace, problem, device)
         log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)
@@ -239,7 +234,7 @@ def run_flow_method(args, build_layers):
         results.update(
             iterations=int(history.size),
             train_time_s=training.seconds,
-            time_per_iteration_ms=1e3 * training.seconds / max(1, history.size),
+            time_per_iteration_ms=1e3 * training.seconds / history.size,
             n_parameters=int(sum(p.numel() for p in model.parameters())),
         )
     figures.plot_elbo(out / "elbo.png", history, reference.log_evidence, title=args.method,

@@ -164,3 +164,14 @@ def test_importance_ess_limits():
     assert diagnostics.importance_ess(np.full(10, -np.inf)) == 0.0
     half = np.concatenate([np.zeros(500), np.full(500, -np.inf)])  # half the weights are zero
     assert diagnostics.importance_ess(half) == pytest.approx(0.5)
+
+
+def test_khat_of_one_dominant_weight_is_large_without_numerical_warnings():
+    import warnings
+
+    log_weights = np.full(2000, -1e4)
+    log_weights[0], log_weights[1:40] = 0.0, -800.0  # the rest of the tail underflows against the top weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert diagnostics.psis_khat(log_weights) > 0.7
+        assert diagnostics.psis_khat(np.random.default_rng(0).normal(size=2000) * 300) > 0.7

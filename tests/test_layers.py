@@ -13,9 +13,7 @@ import layers
 from layer_harness import (
     DIM,
     check_forward_logdet,
-    check_identity_at_init,
     check_layer,
-    check_round_trip,
     jacobian_logdet,
     randomize_,
     sample_inputs,
