@@ -10,9 +10,13 @@ Inputs and units: stations ``x`` in m along the profile; ``x0`` the sphere's hor
 contrast ``drho`` in kg/m³; ``G`` in m³ kg⁻¹ s⁻². Output: the vertical component of the anomaly in
 µGal (1 µGal = 1e-8 m/s², hence the factor 1e8), positive (downward pull) for a positive contrast.
 
-The three unknowns are ``theta = (x0, z, R)``, always in that order (:data:`PARAMETERS`). The
-posterior is a Gaussian likelihood times a uniform prior on a box; flows work on unconstrained
-``u`` in R^3, mapped onto the box by :class:`BoxBijection`.
+The problem owns its unknowns (:attr:`Problem.parameters`, a tuple of :class:`Parameter`): by
+default ``theta = (x0, z, R)`` with the density contrast known; with a prior range for the density
+(``--density-bounds``) ``theta = (x0, z, R, drho)``. Always in that order. The data see R and drho
+only through the excess mass M = (4/3) pi drho R**3, so with a free density the posterior of
+(R, drho) is a thin curved ridge along which only the prior box decides. The posterior is a
+Gaussian likelihood times a uniform prior on a box; flows work on unconstrained ``u`` in R^dim,
+mapped onto the box by :class:`BoxBijection`.
 """
 
 import csv
@@ -27,8 +31,32 @@ from scipy.special import expit
 
 G = 6.674e-11  # m^3 kg^-1 s^-2
 MICROGAL_PER_SI = 1e8
-PARAMETERS = ("x0", "z", "R")
-LABELS = ("x0 (m)", "z (m)", "R (m)")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One unknown: its name in files (``summary.json``, ``samples.npz``), symbol, unit and description."""
+
+    name: str
+    symbol: str
+    unit: str
+    description: str
+
+    @property
+    def label(self):
+        """Axis label, e.g. ``"z (m)"``."""
+        return f"{self.symbol} ({self.unit})"
+
+
+X0 = Parameter("x0", "x0", "m", "horizontal position x0")
+DEPTH = Parameter("z", "z", "m", "depth of centre z")
+RADIUS = Parameter("R", "R", "m", "radius R")
+DENSITY = Parameter("drho", "Δρ", "kg/m³", "density contrast Δρ")
+#: The unknowns of one sphere of known density, and of one whose density is unknown.
+SPHERE = (X0, DEPTH, RADIUS)
+SPHERE_FREE_DENSITY = SPHERE + (DENSITY,)
+PARAMETERS = tuple(p.name for p in SPHERE)
+LABELS = tuple(p.label for p in SPHERE)
 
 DEFAULT_TRUTH = (3.0, 6.0, 2.0)
 DEFAULT_DENSITY = 2500.0  # kg/m^3
@@ -47,7 +75,9 @@ def sphere_anomaly(stations, theta, density=DEFAULT_DENSITY):
     """Vertical gravity anomaly (µGal) of buried spheres at the stations.
 
     ``stations``: (n,) positions in m. ``theta``: (..., 3) sets of (x0, z, R) in m, numpy array or
-    torch tensor (then differentiable, with the tensor's dtype and device). Returns (..., n).
+    torch tensor (then differentiable, with the tensor's dtype and device); only its first three
+    columns are read. ``density``: kg/m³, a number or an array (..., 1) that broadcasts against
+    theta's sets. Returns (..., n).
     """
     if isinstance(theta, torch.Tensor):
         stations = torch.as_tensor(stations, dtype=theta.dtype, device=theta.device)
@@ -69,6 +99,11 @@ def sphere_anomaly_gradient(stations, theta, density=DEFAULT_DENSITY):
     return np.stack([g * 3.0 * offset / r2, g * (1.0 / z - 3.0 * z / r2), g * 3.0 / radius], axis=-1)
 
 
+def _density_column(theta, density):
+    """The density contrast of each parameter set: theta's 4th column when it has one, else ``density``."""
+    return theta[..., 3:4] if theta.shape[-1] == 4 else density
+
+
 def gaussian_misfit(predicted, observed, weights):
     """-0.5 * sum(weights * (observed - predicted)**2) over stations; numpy or torch."""
     return -0.5 * ((observed - predicted) ** 2 * weights).sum(-1)
@@ -79,8 +114,11 @@ class Problem:
     """A gravity profile and the prior box: everything the posterior needs.
 
     ``noise_sd`` is a float (µGal, every station) or an (n,) array (per station).
-    ``bounds`` is (3, 2): rows x0, z, R; columns low, high (m). ``truth`` is known only for
-    synthetic data. ``source`` describes where the data came from (for summary.json).
+    ``bounds`` is (dim, 2): one row per unknown in the order of ``parameters``, columns low, high
+    (m, and kg/m³ for the density). ``parameters`` is :data:`SPHERE` (density known: ``density``
+    is the contrast) or :data:`SPHERE_FREE_DENSITY` (density unknown: ``density`` is the true
+    contrast of synthetic data, and the likelihood never reads it). ``truth`` (one value per
+    parameter) is known only for synthetic data. ``source`` describes where the data came from.
     """
 
     stations: np.ndarray
@@ -90,10 +128,37 @@ class Problem:
     bounds: np.ndarray = field(default_factory=lambda: np.array(DEFAULT_BOUNDS))
     truth: object = None
     source: dict = field(default_factory=dict)
+    parameters: tuple = SPHERE
+
+    def __post_init__(self):
+        if np.shape(self.bounds) != (len(self.parameters), 2):
+            raise ValueError(f"bounds must be ({len(self.parameters)}, 2) for {self.names}, got {np.shape(self.bounds)}")
 
     @property
     def n_stations(self):
         return self.stations.size
+
+    @property
+    def dim(self):
+        """Number of unknowns."""
+        return len(self.parameters)
+
+    @property
+    def names(self):
+        return tuple(p.name for p in self.parameters)
+
+    @property
+    def labels(self):
+        return tuple(p.label for p in self.parameters)
+
+    @property
+    def free_density(self):
+        return DENSITY in self.parameters
+
+    @property
+    def density_bounds(self):
+        """(low, high) of the density prior in kg/m³, or None when the density is known."""
+        return tuple(self.bounds[self.parameters.index(DENSITY)]) if self.free_density else None
 
     @cached_property
     def noise_sd_array(self):
@@ -115,7 +180,16 @@ class Problem:
         return -0.5 * self.n_stations * math.log(2 * math.pi) - float(np.sum(np.log(self.noise_sd_array)))
 
     def predict(self, theta):
-        return sphere_anomaly(self.stations, theta, self.density)
+        """Predicted anomaly (µGal) at every station, (..., n), for parameter sets theta (..., dim)."""
+        return sphere_anomaly(self.stations, theta, _density_column(theta, self.density))
+
+    def predict_gradient(self, theta):
+        """d g / d theta at each station, numpy: (..., n, dim). With a free density, dg/ddrho = g / drho."""
+        density = _density_column(theta, self.density)
+        gradient = sphere_anomaly_gradient(self.stations, theta, density)
+        if self.free_density:
+            gradient = np.concatenate([gradient, (sphere_anomaly(self.stations, theta, density) / density)[..., None]], axis=-1)
+        return gradient
 
     def inside(self, theta):
         theta = np.asarray(theta)
@@ -141,26 +215,42 @@ class Problem:
 
 
 
+def prior_box(bounds, density_bounds=None):
+    """The (dim, 2) prior box and the parameters: the sphere's (3, 2) box, plus the density's row if it is free."""
+    bounds = np.asarray(bounds, dtype=float).reshape(3, 2)
+    if density_bounds is None:
+        return bounds, SPHERE
+    return np.vstack([bounds, np.asarray(density_bounds, dtype=float).reshape(1, 2)]), SPHERE_FREE_DENSITY
+
+
 def synthetic_problem(
     truth=DEFAULT_TRUTH,
     noise_sd=DEFAULT_NOISE_SD,
     density=DEFAULT_DENSITY,
     bounds=DEFAULT_BOUNDS,
     noise_seed=DEFAULT_NOISE_SEED,
+    density_bounds=None,
 ):
-    """The default data set: 1000 stations on [-20, 20] m, noise from its own seeded generator."""
+    """The default data set: 1000 stations on [-20, 20] m, noise from its own seeded generator.
+
+    ``truth`` is the sphere's (x0, z, R) and ``density`` its true contrast. With ``density_bounds``
+    (low, high) the density is a fourth unknown and the truth gains it; the data are the same.
+    """
     stations = np.linspace(**DEFAULT_STATIONS)
-    truth = np.asarray(truth, dtype=float)
+    geometry = np.asarray(truth, dtype=float)[:3]
     rng = np.random.default_rng(noise_seed)
-    g_obs = sphere_anomaly(stations, truth, density) + rng.normal(0.0, noise_sd, size=stations.shape)
+    g_obs = sphere_anomaly(stations, geometry, density) + rng.normal(0.0, noise_sd, size=stations.shape)
+    box, parameters = prior_box(bounds, density_bounds)
+    truth = np.append(geometry, float(density)) if density_bounds is not None else geometry
     return Problem(
         stations=stations,
         g_obs=g_obs,
         noise_sd=float(noise_sd),
         density=float(density),
-        bounds=np.asarray(bounds, dtype=float),
+        bounds=box,
         truth=truth,
         source={"kind": "synthetic", "noise_seed": int(noise_seed), "truth": truth.tolist()},
+        parameters=parameters,
     )
 
 
@@ -228,6 +318,24 @@ def check_bounds(bounds):
     return bounds
 
 
+def check_density_bounds(density_bounds, true_density=None):
+    """Validate ``--density-bounds LO HI`` (kg/m³); None passes. The true density of synthetic data must lie inside."""
+    if density_bounds is None:
+        return None
+    low, high = (float(v) for v in density_bounds)
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise DataError(f"--density-bounds must be finite numbers, got {low:g} {high:g}")
+    if low >= high:
+        raise DataError(f"--density-bounds: the lower bound ({low:g}) must be below the upper bound ({high:g})")
+    if low <= 0 <= high:
+        raise DataError(f"--density-bounds {low:g} {high:g} spans 0: the contrast must be all positive or all "
+                        "negative (a zero contrast has no anomaly)")
+    if true_density is not None and not low <= true_density <= high:
+        raise DataError(f"--density {true_density:g} (the true contrast that makes the synthetic data) lies outside "
+                        f"--density-bounds {low:g} {high:g}")
+    return low, high
+
+
 class TorchLikelihood(torch.nn.Module):
     """The normalised Gaussian log-likelihood as a differentiable torch function of theta (..., 3).
 
@@ -236,14 +344,14 @@ class TorchLikelihood(torch.nn.Module):
 
     def __init__(self, problem):
         super().__init__()
-        self.density = problem.density
+        self.density = problem.density  # not read when theta has a density column
         self.constant = problem.log_likelihood_constant
         self.register_buffer("stations", torch.as_tensor(problem.stations))
         self.register_buffer("g_obs", torch.as_tensor(problem.g_obs))
         self.register_buffer("weights", torch.as_tensor(np.array(problem.weights)))
 
     def forward(self, theta):
-        predicted = sphere_anomaly(self.stations, theta, self.density)
+        predicted = sphere_anomaly(self.stations, theta, _density_column(theta, self.density))
         return gaussian_misfit(predicted, self.g_obs, self.weights) + self.constant
 
 
@@ -252,7 +360,7 @@ class TorchLikelihood(torch.nn.Module):
 
 
 class BoxBijection(torch.nn.Module):
-    """Fixed bijection from u in R^3 onto the prior box, theta = lo + (hi - lo) * sigmoid(u).
+    """Fixed bijection from u in R^dim onto the prior box, theta = lo + (hi - lo) * sigmoid(u).
 
     ``forward(u) -> (theta, log|det dtheta/du|)`` with
     log|det| = sum_i [log(hi_i - lo_i) - softplus(u_i) - softplus(-u_i)], finite for any u;
@@ -289,7 +397,7 @@ def to_box(problem, u):
 def _misfit_and_gradient(problem, theta):
     residual = problem.g_obs - problem.predict(theta)
     weighted = residual * problem.weights
-    return -0.5 * np.sum(residual * weighted), weighted @ sphere_anomaly_gradient(problem.stations, theta, problem.density)
+    return -0.5 * np.sum(residual * weighted), weighted @ problem.predict_gradient(theta)
 
 
 def _log_posterior_u_and_gradient(problem, u, with_jacobian):
@@ -318,9 +426,13 @@ def _hessian(gradient, point, relative_step=1e-5):
 class Laplace:
     """The Laplace approximation: the MAP and the inverse Hessian, in parameter space and in u-space.
 
-    ``theta_map``/``theta_cov``: mode and covariance of the posterior of theta (box prior is flat).
     ``u_map``/``u_cov``: mode and covariance of the posterior density of u (Jacobian included),
-    which the flows standardise by. ``on_bound`` names parameters whose mode sits on a prior bound.
+    which the flows standardise by. ``theta_map``/``theta_cov``: with the density known, mode and
+    covariance of the posterior of theta (the box prior is flat); with the density free the
+    θ-space Hessian is singular along the mass ridge, so they are the u-space Laplace mapped onto
+    the box (``theta_map = box(u_map)``, covariance by the delta method). ``on_bound`` names
+    parameters whose best fit sits on a prior bound (R and Δρ are exempt when the density is free:
+    the ridge's ends lie on bounds by nature).
     """
 
     theta_map: np.ndarray
@@ -347,12 +459,12 @@ def _minimise(problem, starts_u, with_jacobian):
     return best.x
 
 
-def _covariance(negative_hessian, theta_map, space):
+def _covariance(negative_hessian, problem, theta_map, space):
     """Inverse of a Hessian that must be positive definite at a mode; DataError where it is not."""
     try:
         np.linalg.cholesky(negative_hessian)
     except np.linalg.LinAlgError:
-        where = ", ".join(f"{name} = {value:.4g} m" for name, value in zip(PARAMETERS, theta_map))
+        where = ", ".join(f"{p.name} = {value:.4g} {p.unit}" for p, value in zip(problem.parameters, theta_map))
         raise DataError(
             f"the data do not determine the sphere: the posterior has no peak at its best fit ({where}) — it is flat "
             f"or curved the wrong way in some direction of {space}. Check that the profile shows an anomaly, its "
@@ -364,30 +476,38 @@ def _covariance(negative_hessian, theta_map, space):
 def laplace_approximation(problem, n_starts=8, seed=0):
     """MAP by BFGS from the box centre and a few seeded starts, then inverse Hessians.
 
-    The search runs in u-space, so every iterate lies inside the box. A mode within 1e-3 of the
+    The search runs in u-space, so every iterate lies inside the box. A best fit within 1e-3 of the
     box width of a bound is reported in ``on_bound`` (the prior box is then too tight). Data with
     no peaked posterior (a Hessian that is not negative definite at the mode) raise DataError.
+    With a free density the best fit is any point of the mass ridge; the mode and covariance are
+    then those of u, whose density the box's Jacobian makes peaked (see :class:`Laplace`).
     """
     rng = np.random.default_rng(seed)
-    starts = [np.zeros(3)] + [rng.uniform(-2.0, 2.0, size=3) for _ in range(n_starts - 1)]
-    u_theta_map = _minimise(problem, starts, with_jacobian=False)
-    theta_map, _ = to_box(problem, u_theta_map)
+    starts = [np.zeros(problem.dim)] + [rng.uniform(-2.0, 2.0, size=problem.dim) for _ in range(n_starts - 1)]
+    u_best_fit = _minimise(problem, starts, with_jacobian=False)
+    best_fit, _ = to_box(problem, u_best_fit)
 
-    def theta_gradient(theta):
-        return _misfit_and_gradient(problem, np.clip(theta, problem.bounds[:, 0], problem.bounds[:, 1]))[1]
-
-    theta_cov = _covariance(-_hessian(theta_gradient, theta_map), theta_map, "(x0, z, R)")
-
-    u_map = _minimise(problem, [u_theta_map], with_jacobian=True)
+    u_map = _minimise(problem, [u_best_fit], with_jacobian=True)
     u_cov = _covariance(-_hessian(lambda u: _log_posterior_u_and_gradient(problem, u, True)[1], u_map),
-                        theta_map, "the unconstrained coordinates")
+                        problem, best_fit, "the unconstrained coordinates")
+    if problem.free_density:
+        theta_map, dtheta_du = to_box(problem, u_map)
+        theta_cov = u_cov * np.outer(dtheta_du, dtheta_du)
+        checked = [p not in (RADIUS, DENSITY) for p in problem.parameters]
+    else:
+        def theta_gradient(theta):
+            return _misfit_and_gradient(problem, np.clip(theta, problem.bounds[:, 0], problem.bounds[:, 1]))[1]
+
+        theta_map = best_fit
+        theta_cov = _covariance(-_hessian(theta_gradient, theta_map), problem, theta_map, "(x0, z, R)")
+        checked = [True] * problem.dim
 
     width = problem.bounds[:, 1] - problem.bounds[:, 0]
-    near = np.minimum(theta_map - problem.bounds[:, 0], problem.bounds[:, 1] - theta_map) < 1e-3 * width
+    near = np.minimum(best_fit - problem.bounds[:, 0], problem.bounds[:, 1] - best_fit) < 1e-3 * width
     return Laplace(
         theta_map=theta_map,
         theta_cov=theta_cov,
         u_map=u_map,
         u_cov=u_cov,
-        on_bound=tuple(name for name, flag in zip(PARAMETERS, near) if flag),
+        on_bound=tuple(p.name for p, flag, check in zip(problem.parameters, near, checked) if flag and check),
     )
