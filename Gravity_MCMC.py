@@ -9,7 +9,7 @@ near zero and biases the sampler).
 Two starts (``--init``):
 
 * ``laplace`` (default): the chains start over-dispersed around the MAP and propose with the Laplace
-  covariance scaled by 2.38²/3 (the optimal random-walk scale for a Gaussian target in 3 dimensions,
+  covariance scaled by 2.38²/d (the optimal random-walk scale for a Gaussian target in d dimensions,
   Gelman, Roberts & Gilks 1996);
 * ``prior``: the original's settings: start (5.5, 8.5, 4.5), isotropic proposal of scale 0.01 m.
 
@@ -33,27 +33,31 @@ import report
 
 ORIGINAL_START = (5.5, 8.5, 4.5)
 ORIGINAL_PROPOSAL_SCALE = 0.01
-OPTIMAL_SCALE_3D = 2.38**2 / 3
+
+
+def optimal_scale(dim):
+    """Factor on a Gaussian target's covariance for the random-walk proposal: 2.38² / d (Gelman et al. 1996)."""
+    return 2.38**2 / dim
 
 
 def metropolis_hastings(problem, starts, proposal_chol, n_steps, rng, progress=False, stop=None):
     """Run ``len(starts)`` chains of random-walk Metropolis–Hastings together.
 
-    ``starts``: (n_chains, 3) inside the box; ``proposal_chol``: (3, 3) Cholesky factor of the
-    proposal covariance. Returns ``(chains (n_done, n_chains, 3), log_posterior (n_done, n_chains),
+    ``starts``: (n_chains, dim) inside the box; ``proposal_chol``: (dim, dim) Cholesky factor of the
+    proposal covariance. Returns ``(chains (n_done, n_chains, dim), log_posterior (n_done, n_chains),
     accepted (n_chains,))``, where ``n_done < n_steps`` if ``stop.interrupted`` was set.
     """
     current = np.array(starts, dtype=float)
-    n_chains = current.shape[0]
+    n_chains, dim = current.shape
     current_log_post = problem.log_posterior(current)
     if not np.all(np.isfinite(current_log_post)):
         raise forward.DataError("a chain's start has zero posterior density (outside the prior box)")
-    chains = np.empty((n_steps, n_chains, 3))
+    chains = np.empty((n_steps, n_chains, dim))
     log_posterior = np.empty((n_steps, n_chains))
     accepted = np.zeros(n_chains)
     bar = tqdm(total=n_steps, desc="sampling", disable=not progress, mininterval=0.5, file=sys.stderr)
     for step in range(n_steps):
-        proposal = current + rng.standard_normal((n_chains, 3)) @ proposal_chol.T
+        proposal = current + rng.standard_normal((n_chains, dim)) @ proposal_chol.T
         proposal_log_post = problem.log_posterior(proposal)  # -inf outside the box: always rejected
         accept = np.log(rng.uniform(size=n_chains)) < proposal_log_post - current_log_post
         if accept.any():
@@ -73,16 +77,22 @@ def metropolis_hastings(problem, starts, proposal_chol, n_steps, rng, progress=F
 
 def initial_states(args, problem, laplace, rng):
     """The chains' starts and the proposal's Cholesky factor for ``--init``."""
+    dim = problem.dim
     if args.init == "prior":
-        first = np.array(args.start if args.start is not None else ORIGINAL_START, dtype=float)
-        others = rng.uniform(problem.bounds[:, 0], problem.bounds[:, 1], size=(args.chains - 1, 3))
-        proposal_chol = args.proposal_scale * np.eye(3)
+        # the original's start; a free density starts at the centre of its prior range
+        first = np.array(args.start if args.start is not None else ORIGINAL_START + tuple(problem.bounds[3:].mean(axis=1)),
+                         dtype=float)
+        others = rng.uniform(problem.bounds[:, 0], problem.bounds[:, 1], size=(args.chains - 1, dim))
+        # isotropic in m; a free density's step is the same fraction of its prior range as 0.01 m is of R's
+        widths = np.ones(dim)
+        widths[3:] = np.diff(problem.bounds[3:], axis=1).ravel() / np.diff(problem.bounds[2])
+        proposal_chol = args.proposal_scale * np.diag(widths)
         return np.vstack([first, others]), proposal_chol
-    proposal_chol = np.linalg.cholesky(laplace.theta_cov * OPTIMAL_SCALE_3D) * args.proposal_scale
+    proposal_chol = np.linalg.cholesky(laplace.theta_cov * optimal_scale(dim)) * args.proposal_scale
     starts = []
     dispersed = np.linalg.cholesky(laplace.theta_cov) * 3.0  # over-dispersed: three Laplace sd
     while len(starts) < args.chains:
-        candidate = laplace.theta_map + dispersed @ rng.standard_normal(3)
+        candidate = laplace.theta_map + dispersed @ rng.standard_normal(dim)
         if problem.inside(candidate):
             starts.append(candidate)
     if args.start is not None:
@@ -106,9 +116,10 @@ def build_parser():
     group.add_argument("--burn-in", type=cli.nonnegative_int, help="iterations discarded at the start of each chain (default: 2000 | 20000)")
     group.add_argument("--proposal-scale", type=cli.positive_float, metavar="SCALE",
                        help="laplace: a factor on the Laplace proposal covariance's Cholesky factor, already scaled by "
-                            f"2.38/sqrt(3) (default 1); prior: the isotropic proposal sd in m (default {ORIGINAL_PROPOSAL_SCALE})")
-    group.add_argument("--start", type=cli.finite_float, nargs=3, metavar=("X0", "Z", "R"),
-                       help=f"start of the first chain (default: near the MAP | {ORIGINAL_START})")
+                            f"2.38/sqrt(d) (default 1); prior: the isotropic proposal sd in m (default {ORIGINAL_PROPOSAL_SCALE})")
+    group.add_argument("--start", type=cli.finite_float, nargs="+", metavar="VALUE",
+                       help=f"start of the first chain, one value per unknown: X0 Z R [DRHO] "
+                            f"(default: near the MAP | {ORIGINAL_START} and the centre of --density-bounds)")
     return parser
 
 
@@ -125,7 +136,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     with cli.Timer() as total:
-        cli.check_start(args.start, forward.check_bounds(args.bounds))
+        cli.check_start(args.start, cli.load_problem(args))
         problem, out, laplace, reference = cli.setup_run(args)
 
         rng = np.random.default_rng(args.seed)
@@ -146,7 +157,7 @@ def main(argv=None):
         # equal to the current state has probability zero)
         moved = np.any(np.diff(kept, axis=0) != 0, axis=-1)
         acceptance = moved.mean(axis=0) if moved.size else np.full(kept.shape[1], np.nan)
-        pooled = kept.reshape(-1, 3)
+        pooled = kept.reshape(-1, problem.dim)
         theta = pooled[np.linspace(0, pooled.shape[0] - 1, min(args.samples, pooled.shape[0])).round().astype(int)]
         results = {
             "iterations": int(kept.shape[0]),
@@ -167,8 +178,9 @@ def main(argv=None):
         noise_level = float(np.sqrt(np.mean(problem.noise_sd_array**2)))
         misfit = log_posterior - problem.log_prior_density - problem.log_likelihood_constant
         rms = noise_level * np.sqrt(np.maximum(-2.0 * misfit, 0.0) / problem.n_stations)
-    figures.plot_trace(out / "trace.png", chains, burn_in=burn_in, title=args.method)
-    figures.plot_autocorrelation(out / "autocorrelation.png", kept, title=args.method, tau=(tau, reliable))
+    figures.plot_trace(out / "trace.png", chains, burn_in=burn_in, title=args.method, parameters=problem.parameters)
+    figures.plot_autocorrelation(out / "autocorrelation.png", kept, title=args.method, tau=(tau, reliable),
+                                 parameters=problem.parameters)
     figures.plot_misfit(out / "misfit.png", rms, noise_level, burn_in=burn_in, title=args.method)
     summary = report.write_results(out, args, problem, reference, theta, results, total.seconds, stop.interrupted)
     report.print_summary(summary, [

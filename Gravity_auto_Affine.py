@@ -18,8 +18,8 @@ import vi
 from autoregressive import AutoregressiveAffine, layer_orders
 
 
-def build_layers(args):
-    return [AutoregressiveAffine(dim=3, hidden=args.hidden, order=order) for order in layer_orders(3, args.flows)]
+def build_layers(args, dim):
+    return [AutoregressiveAffine(dim=dim, hidden=args.hidden, order=order) for order in layer_orders(dim, args.flows)]
 
 
 def build_parser():

@@ -17,10 +17,10 @@ import vi
 from autoregressive import AutoregressiveSpline, layer_orders
 
 
-def build_layers(args):
+def build_layers(args, dim):
     return [
-        AutoregressiveSpline(dim=3, hidden=args.hidden, order=order, bins=args.bins, tail_bound=args.tail_bound)
-        for order in layer_orders(3, args.flows)
+        AutoregressiveSpline(dim=dim, hidden=args.hidden, order=order, bins=args.bins, tail_bound=args.tail_bound)
+        for order in layer_orders(dim, args.flows)
     ]
 
 

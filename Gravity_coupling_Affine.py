@@ -18,8 +18,8 @@ import vi
 from layers import AffineCoupling, coupling_mask
 
 
-def build_layers(args):
-    return [AffineCoupling(dim=3, transformed=coupling_mask(3, k), hidden=args.hidden) for k in range(args.flows)]
+def build_layers(args, dim):
+    return [AffineCoupling(dim=dim, transformed=coupling_mask(dim, k), hidden=args.hidden) for k in range(args.flows)]
 
 
 def build_parser():

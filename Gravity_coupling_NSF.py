@@ -19,9 +19,9 @@ from layers import coupling_mask
 from splines import SplineCoupling
 
 
-def build_layers(args):
+def build_layers(args, dim):
     return [
-        SplineCoupling(dim=3, transformed=coupling_mask(3, k), hidden=args.hidden, bins=args.bins, tail_bound=args.tail_bound)
+        SplineCoupling(dim=dim, transformed=coupling_mask(dim, k), hidden=args.hidden, bins=args.bins, tail_bound=args.tail_bound)
         for k in range(args.flows)
     ]
 

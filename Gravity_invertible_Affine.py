@@ -20,8 +20,8 @@ import vi
 from layers import GlowStep
 
 
-def build_layers(args):
-    return [GlowStep(dim=3, hidden=args.hidden, index=k) for k in range(args.flows)]
+def build_layers(args, dim):
+    return [GlowStep(dim=dim, hidden=args.hidden, index=k) for k in range(args.flows)]
 
 
 def build_parser():

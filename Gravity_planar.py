@@ -17,8 +17,8 @@ import vi
 from layers import Planar
 
 
-def build_layers(args):
-    return [Planar(dim=3) for _ in range(args.flows)]
+def build_layers(args, dim):
+    return [Planar(dim=dim) for _ in range(args.flows)]
 
 
 def build_parser():

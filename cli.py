@@ -86,12 +86,18 @@ def common_parser(doc, method, default_samples):
     data.add_argument("--bounds", metavar=("X0LO", "X0HI", "ZLO", "ZHI", "RLO", "RHI"), nargs=6, type=finite_float,
                       default=[v for pair in forward.DEFAULT_BOUNDS for v in pair],
                       help="uniform prior box in m (default: %(default)s)")
+    data.add_argument("--density-bounds", metavar=("LO", "HI"), nargs=2, type=finite_float,
+                      help="make the density contrast a fourth unknown with a uniform prior on [LO, HI] kg/m³ "
+                           "(both positive or both negative); --density is then the true contrast of the synthetic "
+                           "data (default: the density is known, --density)")
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=seed_int, default=0, help="random seed; same seed, same results on CPU (default: %(default)s)")
     run.add_argument("--samples", type=_number(int, 2, low_inclusive=True), default=default_samples,
                      help="posterior samples kept (default: %(default)s)")
-    run.add_argument("--init", choices=("laplace", "prior"), default="laplace",
-                     help="start from the Laplace approximation (default) or from the prior, as the original did")
+    run.add_argument("--init", choices=("auto", "laplace", "prior"), default="auto",
+                     help="start from the Laplace approximation, or from the prior as the original did; auto "
+                          "(default): from the Laplace approximation where its importance diagnostics against the "
+                          "posterior say it describes it, from the prior otherwise (see start.py)")
     run.add_argument("--out", metavar="DIR", default=str(Path("figures") / method),
                      help="output folder (default: %(default)s)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -106,26 +112,37 @@ def common_parser(doc, method, default_samples):
 
 
 def load_problem(args):
-    """The Problem the options describe: the synthetic profile or the user's CSV, and the prior box."""
+    """The Problem the options describe: the synthetic profile or the user's CSV, and the prior box
+    (with ``--density-bounds``, the density contrast is a fourth unknown)."""
     bounds = forward.check_bounds(args.bounds)
+    density_bounds = forward.check_density_bounds(args.density_bounds, args.density if args.data is None else None)
     if args.data is None:
-        return forward.synthetic_problem(noise_sd=args.noise, density=args.density, bounds=bounds)
+        return forward.synthetic_problem(noise_sd=args.noise, density=args.density, bounds=bounds,
+                                         density_bounds=density_bounds)
     stations, g_obs, sigma = forward.read_profile(args.data)
     digest = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()
+    box, parameters = forward.prior_box(bounds, density_bounds)
     return forward.Problem(
         stations=stations,
         g_obs=g_obs,
         noise_sd=float(args.noise) if sigma is None else sigma,
         density=float(args.density),
-        bounds=bounds,
+        bounds=box,
         source={"kind": "file", "path": str(Path(args.data).resolve()), "sha256": digest,
                 "noise": "per-station sigma column" if sigma is not None else f"--noise {args.noise}"},
+        parameters=parameters,
     )
 
 
-def check_start(start, bounds):
-    if start is not None and not np.all((np.asarray(start) > bounds[:, 0]) & (np.asarray(start) < bounds[:, 1])):
-        raise DataError(f"--start {' '.join(f'{v:g}' for v in start)} lies outside the prior box (--bounds)")
+def check_start(start, problem):
+    """``--start`` must give one value per unknown, strictly inside the prior box."""
+    if start is None:
+        return
+    if len(start) != problem.dim:
+        raise DataError(f"--start takes {problem.dim} values ({' '.join(problem.names)}), got {len(start)}")
+    bounds = problem.bounds
+    if not np.all((np.asarray(start) > bounds[:, 0]) & (np.asarray(start) < bounds[:, 1])):
+        raise DataError(f"--start {' '.join(f'{v:g}' for v in start)} lies outside the prior box (--bounds, --density-bounds)")
 
 
 def prepare_output(folder):

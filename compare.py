@@ -107,6 +107,7 @@ def common_argv(args):
     """The options every method gets alike: the data, the prior, the seed, the start and the samples."""
     argv = ["--noise", repr(args.noise), "--density", repr(args.density), "--bounds", *map(repr, args.bounds),
             "--seed", str(args.seed), "--init", args.init, "--samples", str(args.samples)]
+    argv += ["--density-bounds", *map(repr, args.density_bounds)] if args.density_bounds is not None else []
     return argv + (["--data", args.data] if args.data is not None else [])
 
 
@@ -179,7 +180,7 @@ def time_per_iteration(methods, problem, laplace, device_name="cpu", iterations=
     if not models:
         return {}
     any_args = next(iter(models.values()))[1]
-    models["bare"] = (vi.build_flow(any_args, lambda args: [], laplace, problem, device), any_args)
+    models["bare"] = (vi.build_flow(any_args, lambda args, dim: [], laplace, problem, device), any_args)
     generator = torch.Generator(device=device).manual_seed(0)
 
     def train(model, args, n):
@@ -215,7 +216,7 @@ def _judge(value, limit, fmt, unit=""):
 def mcmc_speedup(args, out, runs):
     """Run MCMC at the original's settings beside the default run; (default ESS/s, original ESS/s) or None."""
     default = next((run for run in runs if run["method"] == "MCMC" and run["summary"] is not None), None)
-    if default is None or args.quick or args.init != "laplace" or args.data is not None:
+    if default is None or args.quick or args.init != "laplace" or args.data is not None or args.density_bounds is not None:
         return None  # the goal is set for the default problem
     print("compare: MCMC at the original's settings (--init prior), for its ESS per second", file=sys.stderr, flush=True)
     folder = out / "MCMC-original"
@@ -312,7 +313,8 @@ def main(argv=None):
     if done:
         truth = problem.truth
         figures.plot_marginals_grid(out / "marginals.png", [(f"{run['method']}\n{WHAT[run['method']]}", run["theta"], reference)
-                                                            for run in done], truth, title=title, error_goal=ERROR_GOAL)
+                                                            for run in done], truth, title=title, error_goal=ERROR_GOAL,
+                                    parameters=problem.parameters)
         figures.plot_cost_accuracy(out / "cost_accuracy.png", [
             {"label": run["method"], "wall_time_s": run["summary"]["wall_time_s"], "error": run["summary"]["error"],
              "kl": run["summary"].get("kl"), "kl_se": run["summary"].get("elbo_se")} for run in done], ERROR_GOAL, KL_GOAL, title=title)
@@ -324,10 +326,10 @@ def main(argv=None):
         "Every method ran with `" + " ".join(common_argv(args)) + "`" + (", --quick" if args.quick else "")
         + (f", flows --iterations {args.iterations}" if args.iterations else "") + ".",
         "",
-        "- error: the largest, over x0, z and R, Wasserstein-1 distance between the method's samples and the exact "
+        f"- error: the largest, over {', '.join(problem.names)}, Wasserstein-1 distance between the method's samples and the exact "
         "marginal, in posterior sd. KL: KL(q‖p) = log Z − ELBO in nats (flows). IS ESS: effective sample size of the "
         "importance weights p/q, in % of the samples; k-hat: Pareto k of PSIS (below 0.7: q is a reliable proposal).",
-        "- MCMC ESS/s: the smallest ESS over the three parameters per second of sampling; R-hat: largest split R-hat "
+        "- MCMC ESS/s: the smallest ESS over the parameters per second of sampling; R-hat: largest split R-hat "
         "over the chains. MCMC iterations are kept steps per chain (the chains run together, vectorised); its "
         "time/iteration is one step of all chains.",
         "- wall time: the method's whole run (data, exact reference, Laplace start, training or sampling, evaluation), "

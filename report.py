@@ -20,7 +20,9 @@ def data_description(problem):
         "x_range_m": [float(problem.stations.min()), float(problem.stations.max())],
         "noise_sd_ugal": float(sigma) if np.ndim(sigma) == 0 else {"min": float(np.min(sigma)), "max": float(np.max(sigma))},
         "density_kg_m3": float(problem.density),
-        "bounds_m": problem.bounds.tolist(),
+        "density": "unknown (a fourth parameter; density_kg_m3 made the synthetic data)" if problem.free_density else "known",
+        "bounds": {p.name: row for p, row in zip(problem.parameters, problem.bounds.tolist())},
+        "units": {p.name: p.unit for p in problem.parameters},
     }
 
 
@@ -54,8 +56,8 @@ def write_results(out, args, problem, reference, theta, method_results, wall_tim
         "method": args.method,
         "settings": {key: value for key, value in sorted(vars(args).items()) if key != "method"},
         "data": data_description(problem),
-        "parameters": list(forward.PARAMETERS),
-        "units": "m",
+        "parameters": list(problem.names),
+        "units": [p.unit for p in problem.parameters],
         "truth": None if problem.truth is None else np.asarray(problem.truth).tolist(),
         "posterior": posterior_summary(theta),
         "reference": reference.summary(),
@@ -75,8 +77,10 @@ def write_results(out, args, problem, reference, theta, method_results, wall_tim
         density=np.asarray(problem.density, dtype=float),
     )
     rng = np.random.default_rng(args.seed)
-    figures.plot_marginals(out / "marginals.png", theta, reference, problem.truth, title=title, scores=scores["w1_over_sd"])
-    figures.plot_pairs(out / "pairs.png", theta, reference, problem.truth, title=title)
+    figures.plot_marginals(out / "marginals.png", theta, reference, problem.truth, title=title, scores=scores["w1_over_sd"],
+                           parameters=problem.parameters)
+    figures.plot_pairs(out / "pairs.png", theta, reference, problem.truth, title=title, parameters=problem.parameters,
+                       bounds=problem.bounds)
     figures.plot_predictive_check(out / "predictive_check.png", problem, theta, rng, title=title)
     output.write_json(out / "summary.json", summary)
     return summary
@@ -85,12 +89,15 @@ def write_results(out, args, problem, reference, theta, method_results, wall_tim
 def print_summary(summary, extra_lines=(), file=None):
     """A short human-readable report of a run (to stdout unless ``file`` is given)."""
     file = sys.stdout if file is None else file
-    print(f"{summary['method']}: posterior of (x0, z, R) in m, against the exact reference", file=file)
+    names = ", ".join(summary["parameters"])
+    units = ", ".join(f"{name} in {unit}" for name, unit in zip(summary["parameters"], summary["units"]))
+    print(f"{summary['method']}: posterior of ({names}) ({units}), against the exact reference", file=file)
     print(f"{'':>4} {'mean':>10} {'sd':>9} {'ref mean':>10} {'ref sd':>9} {'W1/sd':>7}", file=file)
     posterior, ref = summary["posterior"], summary["reference"]
     for i, name in enumerate(summary["parameters"]):
-        print(f"{name:>4} {posterior['mean'][i]:10.4f} {posterior['sd'][i]:9.4f} {ref['mean'][i]:10.4f} "
-              f"{ref['sd'][i]:9.4f} {summary['w1_over_sd'][i]:7.3f}", file=file)
+        d = 4 if summary["units"][i] == "m" else 1  # m to 0.1 mm, kg/m³ to 0.1 kg/m³
+        print(f"{name:>4} {posterior['mean'][i]:10.{d}f} {posterior['sd'][i]:9.{d}f} {ref['mean'][i]:10.{d}f} "
+              f"{ref['sd'][i]:9.{d}f} {summary['w1_over_sd'][i]:7.3f}", file=file)
     print(f"error (largest W1/sd): {summary['error']:.4f}", file=file)
     for line in extra_lines:
         print(line, file=file)

@@ -248,7 +248,7 @@ def run_sweep(main, argv):
     # The exact posterior of each run: computed once per distinct problem (a sweep of --noise changes it).
     references, problem_of_run = {}, []
     for value, run_argv, args in runs:
-        key = json.dumps([args.data, args.noise, args.density, list(args.bounds)])
+        key = json.dumps([args.data, args.noise, args.density, list(args.bounds), args.density_bounds])
         if key not in references:
             problem = cli.load_problem(args)
             references[key] = (problem, reference_module.compute_reference(problem))
@@ -291,7 +291,8 @@ def run_sweep(main, argv):
     text = write_tables(folder, columns, table_rows, heading, "\n".join(notes))
     if figure_rows:
         truth = problem_of_run[0][0].truth
-        figures.plot_marginals_grid(folder / "marginals.png", figure_rows, truth, title=heading)
+        figures.plot_marginals_grid(folder / "marginals.png", figure_rows, truth, title=heading,
+                                    parameters=problem_of_run[0][0].parameters)
     print(text)
     print(f"wrote {folder}/", file=sys.stderr)
     failed = [status for status, _ in statuses if status]

@@ -49,19 +49,22 @@ class TrainingDiverged(RuntimeError):
 class FlowPosterior(nn.Module):
     """q(theta): standard normal -> learnable affine map -> flow layers -> fixed standardisation -> box.
 
-    ``shift`` (3,) and ``scale_tril`` (3, 3) are the fixed standardisation u = shift + scale_tril y.
+    ``bounds`` (dim, 2) is the prior box, one row per unknown; ``shift`` (dim,) and ``scale_tril``
+    (dim, dim) are the fixed standardisation u = shift + scale_tril y.
     """
 
     def __init__(self, layers, bounds, shift, scale_tril):
         super().__init__()
-        self.loc = nn.Parameter(torch.zeros(3))
-        self.raw_diagonal = nn.Parameter(torch.zeros(3))
-        self.raw_lower = nn.Parameter(torch.zeros(3))
+        dim = len(bounds)
+        self.dim = dim
+        self.loc = nn.Parameter(torch.zeros(dim))
+        self.raw_diagonal = nn.Parameter(torch.zeros(dim))
+        self.raw_lower = nn.Parameter(torch.zeros(dim * (dim - 1) // 2))
         self.flow = FlowSequence(layers)
         self.box = forward.BoxBijection(bounds)
         self.register_buffer("shift", torch.as_tensor(np.asarray(shift, dtype=float)))
         self.register_buffer("scale_tril", torch.as_tensor(np.asarray(scale_tril, dtype=float)))
-        self.register_buffer("lower_index", torch.tril_indices(3, 3, offset=-1))
+        self.register_buffer("lower_index", torch.tril_indices(dim, dim, offset=-1))
         self.log_det_scale = float(np.sum(np.log(np.abs(np.diag(scale_tril)))))
 
     def base_matrix(self):
@@ -71,9 +74,9 @@ class FlowPosterior(nn.Module):
         return matrix.index_put((self.lower_index[0], self.lower_index[1]), self.raw_lower)
 
     def sample(self, n, generator=None):
-        """``n`` samples theta (n, 3) and their log q(theta) (n,), in one differentiable pass."""
-        eps = torch.randn(n, 3, generator=generator, dtype=self.loc.dtype, device=self.loc.device)
-        log_q = -0.5 * eps.square().sum(-1) - 1.5 * math.log(2 * math.pi)
+        """``n`` samples theta (n, dim) and their log q(theta) (n,), in one differentiable pass."""
+        eps = torch.randn(n, self.dim, generator=generator, dtype=self.loc.dtype, device=self.loc.device)
+        log_q = -0.5 * eps.square().sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
         matrix = self.base_matrix()
         y = self.loc + eps @ matrix.T
         log_q = log_q - torch.log(torch.diagonal(matrix)).sum()
@@ -88,7 +91,8 @@ def standardisation(init, laplace):
     """(shift, scale_tril) of the fixed map u = shift + scale_tril y for ``--init``."""
     if init == "laplace":
         return laplace.u_map, np.linalg.cholesky(laplace.u_cov)
-    return np.zeros(3), np.eye(3)
+    dim = laplace.u_map.size
+    return np.zeros(dim), np.eye(dim)
 
 
 def elbo_terms(model, log_likelihood, log_prior, n, generator=None):
@@ -137,7 +141,7 @@ def train(model, log_likelihood, log_prior, iterations, batch, lr, clip_norm=Non
 
 @torch.no_grad()
 def evaluate(model, log_likelihood, log_prior, n, generator=None, chunk=10_000):
-    """Draw n samples; return theta (n, 3) and their log weights log p(d, theta) - log q(theta), numpy."""
+    """Draw n samples; return theta (n, dim) and their log weights log p(d, theta) - log q(theta), numpy."""
     thetas, log_weights = [], []
     for start in range(0, n, chunk):
         theta, log_weight = elbo_terms(model, log_likelihood, log_prior, min(chunk, n - start), generator)
@@ -206,7 +210,7 @@ def build_flow(args, build_layers, laplace, problem, device):
     shift, scale_tril = standardisation(args.init, laplace)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        model = FlowPosterior(build_layers(args), problem.bounds, shift, scale_tril)
+        model = FlowPosterior(build_layers(args, problem.dim), problem.bounds, shift, scale_tril)
     return model.to(device=device, dtype=torch.float64)
 
 

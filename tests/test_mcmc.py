@@ -35,7 +35,7 @@ def test_recovers_mean_and_covariance_of_a_correlated_gaussian():
     rng = np.random.default_rng(1)
     starts = target.mean + sd * rng.standard_normal((8, 3))
     chains, _, accepted = mcmc.metropolis_hastings(
-        target, starts, np.linalg.cholesky(target.covariance * mcmc.OPTIMAL_SCALE_3D), 12_000, rng
+        target, starts, np.linalg.cholesky(target.covariance * mcmc.optimal_scale(3)), 12_000, rng
     )
     kept = chains[2000:]
     acceptance = accepted / chains.shape[0]

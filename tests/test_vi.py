@@ -47,7 +47,7 @@ def layers_of(method, flows=None):
     if SCRIPTS[method] is None:
         return []
     args = types.SimpleNamespace(flows=flows or DEFAULT_FLOWS[method], hidden=32, bins=8, tail_bound=5.0)
-    return SCRIPTS[method].build_layers(args)
+    return SCRIPTS[method].build_layers(args, 3)
 
 
 def make_flow(layers, shift_theta, scale_theta, seed=0):
