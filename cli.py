@@ -59,6 +59,7 @@ nonnegative_int = _number(int, 0, low_inclusive=True)
 positive_float = _number(float, 0.0)
 finite_float = _number(float)
 seed_int = _number(int, 0, low_inclusive=True, high=2**64 - 1)  # what numpy and torch both accept
+fraction = _number(float, 0.0, low_inclusive=True, high=1.0)
 
 
 def _nonzero_float(text):

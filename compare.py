@@ -29,6 +29,7 @@ import traceback
 import cli
 import figures
 import forward
+import start
 import sweep
 from forward import DataError
 
@@ -172,15 +173,16 @@ def time_per_iteration(methods, problem, laplace, device_name="cpu", iterations=
 
     device = vi.device_for(device_name)
     log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)
+    init = start.choose_start("auto", problem, laplace).init
     models = {}
     for method in methods:
         script = _script(method)
-        args = script.build_parser().parse_args([])
-        models[method] = (vi.build_flow(args, script.build_layers, laplace, problem, device), args)
+        args = vi.resolve_defaults(script.build_parser().parse_args([]), init)
+        models[method] = (vi.build_flow(args, script.build_layers, laplace, problem, device, init), args)
     if not models:
         return {}
     any_args = next(iter(models.values()))[1]
-    models["bare"] = (vi.build_flow(any_args, lambda args, dim: [], laplace, problem, device), any_args)
+    models["bare"] = (vi.build_flow(any_args, lambda args, dim: [], laplace, problem, device, init), any_args)
     generator = torch.Generator(device=device).manual_seed(0)
 
     def train(model, args, n):

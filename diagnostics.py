@@ -24,15 +24,23 @@ Importance weights ``w = p/q`` (variational fits):
   prior, shrinking k toward 0.5 as if by 10 extra observations, ``k = (M k + 5) / (M + 10)``
   (switch it off with ``prior_adjustment=False``). k < 0.5: the importance weights have finite
   variance and q is a good proposal; 0.5–0.7: usable; > 0.7: q misses mass of p (too narrow).
+- Pareto-smoothed weights (:func:`pareto_smoothed_log_weights`, same paper): the M largest weights
+  are replaced by the expected order statistics of that same fit, truncated at the largest raw
+  weight; one fit (``_fit_pareto_tail``) serves both k-hat and the smoothing.
 """
 
 import math
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
 #: Chains shorter than this many autocorrelation times give an unreliable tau (emcee's default).
 RELIABLE_LENGTH_IN_TAU = 50
+
+#: Split R-hat above which chains have not mixed (Vehtari, Gelman, Simpson, Carpenter & Buerkner,
+#: *Rank-normalization, folding, and localization: an improved R-hat*, Bayesian Analysis 16, 2021).
+RHAT_LIMIT = 1.01
 
 
 def autocorrelation(x):
@@ -196,8 +204,73 @@ def fit_generalized_pareto(x, min_grid=30):
     return k_hat, sigma_hat
 
 
+def generalized_pareto_quantile(probability, k, sigma):
+    """Quantile function of the generalized Pareto distribution (location 0) at ``probability`` in [0, 1).
+
+    ``F^-1(p) = sigma / k ((1 - p)^(-k) - 1)``, written ``sigma / k expm1(-k log1p(-p))`` so that it
+    tends smoothly to the exponential's ``-sigma log(1 - p)`` as k -> 0 (used exactly at k = 0).
+    """
+    probability = np.asarray(probability, dtype=float)
+    if k == 0:
+        return -sigma * np.log1p(-probability)
+    with np.errstate(over="ignore"):  # a very heavy tail's top quantiles overflow to inf: callers truncate
+        return sigma / k * np.expm1(-k * np.log1p(-probability))
+
+
 #: exp(x) of float64 is zero (or denormal) below about -708.
 _LOG_UNDERFLOW = -700.0
+
+#: Pareto k-hat above which importance sampling from q cannot be trusted (Vehtari et al. 2024, sec. 3:
+#: the pre-asymptotic error then falls too slowly with the number of draws to be useful).
+PSIS_KHAT_LIMIT = 0.7
+
+
+class _ParetoTail(NamedTuple):
+    """The generalized Pareto fit to the largest importance weights, shared by k-hat and smoothing.
+
+    ``k`` is the raw Zhang-Stephens estimate (no prior), or a flag where no fit was made: NaN (too few
+    or NaN weights), -inf (the tail's weights are all equal), inf (too few positive weights, or a tail
+    that underflows). ``sigma`` is the fitted scale in units of the largest weight, exp(``top``);
+    ``index`` holds the positions of the ``size`` largest weights in ascending order of weight;
+    ``threshold`` is the log of the next largest weight, over which the tail is fitted.
+    """
+
+    k: float
+    sigma: float = math.nan
+    index: np.ndarray = None
+    size: int = 0
+    threshold: float = math.nan
+    top: float = math.nan
+
+
+def _fit_pareto_tail(log_weights):
+    """Fit the M = min(floor(0.2 S), ceil(3 sqrt(S))) largest of S weights as exceedances over the next one."""
+    size = log_weights.size
+    if size < 25 or np.any(np.isnan(log_weights)) or np.any(log_weights == np.inf):
+        return _ParetoTail(math.nan)
+    tail_size = int(min(math.floor(0.2 * size), math.ceil(3.0 * math.sqrt(size))))
+    order = np.argsort(log_weights, kind="stable")
+    index = order[-tail_size:]
+    tail, threshold = log_weights[index], log_weights[order[-tail_size - 1]]
+    if not np.isfinite(threshold):
+        return _ParetoTail(math.inf)
+    top = tail[-1]
+    if tail[0] - top < _LOG_UNDERFLOW:
+        # The tail's weights span more than ~300 decades: most exceedances underflow to zero and
+        # could not be fitted, but such a tail is as heavy as any k-hat can say.
+        return _ParetoTail(math.inf)
+    exceedances = np.exp(tail - top) - np.exp(threshold - top)
+    if not np.any(exceedances > 0):
+        return _ParetoTail(-math.inf)
+    k, sigma = fit_generalized_pareto(exceedances)
+    return _ParetoTail(k, sigma, index, tail_size, threshold, top)
+
+
+def _reported_k(tail, prior_adjustment):
+    """k-hat as reported: with the PSIS prior toward 0.5 as if by 10 more observations, (M k + 5) / (M + 10)."""
+    if prior_adjustment and math.isfinite(tail.k):
+        return float((tail.size * tail.k + 10 * 0.5) / (tail.size + 10))
+    return float(tail.k)
 
 
 def psis_khat(log_weights, prior_adjustment=True):
@@ -213,26 +286,40 @@ def psis_khat(log_weights, prior_adjustment=True):
     NaN input.
     """
     log_weights = np.asarray(log_weights, dtype=float).ravel()
-    size = log_weights.size
-    if size < 25 or np.any(np.isnan(log_weights)) or np.any(log_weights == np.inf):
-        return math.nan
-    tail_size = int(min(math.floor(0.2 * size), math.ceil(3.0 * math.sqrt(size))))
-    ordered = np.sort(log_weights)
-    tail, threshold = ordered[-tail_size:], ordered[-tail_size - 1]
-    if not np.isfinite(threshold):
-        return math.inf
-    top = tail[-1]
-    if tail[0] - top < _LOG_UNDERFLOW:
-        # The tail's weights span more than ~300 decades: most exceedances underflow to zero and
-        # could not be fitted, but such a tail is as heavy as any k-hat can say.
-        return math.inf
-    exceedances = np.exp(tail - top) - np.exp(threshold - top)
-    if not np.any(exceedances > 0):
-        return -math.inf
-    k, _ = fit_generalized_pareto(exceedances)
-    if prior_adjustment:
-        k = (tail_size * k + 10 * 0.5) / (tail_size + 10)
-    return float(k)
+    return _reported_k(_fit_pareto_tail(log_weights), prior_adjustment)
+
+
+def pareto_smoothed_log_weights(log_weights, prior_adjustment=True):
+    """Pareto-smoothed log importance weights and their k-hat (PSIS, Vehtari et al. 2024, sec. 3).
+
+    The M largest weights are replaced by the expected order statistics of the generalized Pareto
+    fitted to them (the fit of :func:`psis_khat`, with the same k-hat), approximated as in the paper
+    by the quantiles at (z - 1/2) / M,
+
+        w_(S-M+z) <- w_(S-M) + F^-1((z - 1/2) / M),   z = 1 .. M,
+
+    w_(S-M) the largest weight outside the tail, and then truncated at the largest raw weight. The
+    smoothed weights keep the order of the raw ones (ties may be split), the S - M others are
+    returned unchanged, and log weights stay on their own scale (not normalised). Where no fit was
+    made (k-hat NaN, -inf or inf: see :func:`psis_khat`) the weights are returned as they are. Like
+    the loo package, k is the reported k-hat and sigma the scale of the unadjusted fit.
+
+    Returns ``(smoothed_log_weights (S,), khat)``.
+    """
+    log_weights = np.asarray(log_weights, dtype=float).ravel()
+    tail = _fit_pareto_tail(log_weights)
+    khat = _reported_k(tail, prior_adjustment)
+    smoothed = log_weights.copy()
+    if not math.isfinite(khat):
+        return smoothed, khat
+    probability = (np.arange(1, tail.size + 1) - 0.5) / tail.size
+    exceedances = generalized_pareto_quantile(probability, khat, tail.sigma)
+    with np.errstate(divide="ignore"):
+        tail_log_weights = tail.top + np.log(np.exp(tail.threshold - tail.top) + exceedances)
+    # Quantiles are >= 0, so the smoothed tail lies above the threshold up to rounding; the upper
+    # clip is the PSIS truncation at the largest raw weight.
+    smoothed[tail.index] = np.clip(tail_log_weights, tail.threshold, tail.top)
+    return smoothed, khat
 
 
 def importance_ess(log_weights):

@@ -1,20 +1,66 @@
 """The exact reference posterior, by quadrature on a grid, and the scores every method gets against it.
 
-With three unknowns the posterior ``p(theta | d) ∝ L(theta) p(theta)`` can be integrated directly on
-a grid around its mode: the window spans ``±WINDOW_SDS`` Laplace standard deviations per axis
-(clipped to the prior box), with trapezoid weights. The anomaly factorises as
-``g = R**3 * h(x0, z)``, so for every (x0, z) node the weighted sum of squares over all R is
+Density known, ``theta = (x0, z, R)``
+-------------------------------------
+The posterior ``p(theta | d) ∝ L(theta) p(theta)`` is integrated directly on a grid around its mode:
+the window spans ``±WINDOW_SDS`` Laplace standard deviations per axis (clipped to the prior box),
+with trapezoid weights. The anomaly factorises as ``g = R**3 * h(x0, z)``, so for every (x0, z) node
+the weighted sum of squares over all R is
 
     sum w (d - R^3 h)^2 = sum w d^2 - 2 R^3 (sum w d h) + R^6 (sum w h^2),
 
-two inner products per (x0, z) node instead of a forward model per grid point.
+two inner products per (x0, z) node instead of a forward model per grid point (:class:`Reference`).
+
+Density free, ``theta = (x0, z, R, drho)``: the mass ridge
+----------------------------------------------------------
+The data see R and drho only through m = drho * R**3 (g = m h(x0, z), h the anomaly of unit
+drho and R), so the posterior of (R, drho) is a thin curved ridge. It is integrated exactly on a
+3-D grid over (x0, z, m) instead (:class:`RidgeReference`). The prior is uniform on the 4-D box of
+volume V; change variables (R, drho) -> (m, drho), R = (m / drho)**(1/3),
+dR/dm = m**(-2/3) drho**(-1/3) / 3, and integrate drho out over the part of the ridge inside the box:
+
+    p(x0, z, m | d) = L(x0, z, m) k(m) / (V Z),
+    k(m) = ∫_a^b drho^(-1/3) dρ / (3 m^(2/3)) = ½ m^(-2/3) (b^(2/3) - a^(2/3)),
+    a(m) = max(drho_lo, m / R_hi^3),  b(m) = min(drho_hi, m / R_lo^3),
+
+with k = 0 where b <= a (m outside [drho_lo R_lo^3, drho_hi R_hi^3]). For a negative contrast
+(both density bounds negative) m < 0 and every one of these formulas holds for |m|, |drho| and the
+box of |drho|. Trapezoid weights times L k on the (x0, z, m) grid give log Z (V, the Gaussian
+constant and all four parameters included) and the posterior of x0, z and m. On the ridge the
+conditionals are analytic:
+
+    p(drho | m) = drho^(-1/3) / I(2/3)   on [a, b],
+    p(R | m)    = 2 R^(-3) / (R1^-2 - R2^-2) ∝ R^(-3)   on [R1, R2] = [(m/b)^(1/3), (m/a)^(1/3)],
+
+where I(p) = ∫_a^b t^(p-1) dt = a^p ℓ E(p ℓ), ℓ = log(b/a), E(x) = expm1(x)/x (E(0) = 1), a
+form that stays accurate as the ridge shrinks to a point (b -> a). Their moments are
+E[drho^j | m] = a^j E((j + 2/3) ℓ) / E(2ℓ/3) and E[R^j | m] = (m/a)^(j/3) E((2 - j) ℓ / 3) / E(2ℓ/3),
+and E[R drho | m] = m^(1/3) a^(2/3) E(4ℓ/3) / E(2ℓ/3); the means and covariances follow by the law
+of total (co)variance over the grid, since given m the pair (R, drho) is independent of (x0, z).
+
+Marginals. With λ(m) = ∫∫ L(x0, z, m) dx0 dz / (V Z), the posterior density of (R, drho) is
+p(R, drho) = λ(drho R^3) on the box, which is what the R–drho panel of the pairs figure contours.
+A fixed R sees the masses m = drho R^3 for drho in the box, and a fixed drho the masses R^3 drho
+for R in the box, so
+
+    p(R) = R^-3 ∫_{drho_lo R^3}^{drho_hi R^3} λ(m) dm,
+    p(drho) = drho^(-1/3) ∫_{drho R_lo^3}^{drho R_hi^3} λ(m) m^(-2/3) / 3 dm,
+
+one cumulative integral over the m grid each (λ piecewise linear between nodes, integrated
+exactly), free of the staircase a sum of sharp-edged conditionals would leave. The 2-D marginals
+of (x0 or z) with (R or drho) are the same integrals with λ not summed over that coordinate, and the
+(x0, z) marginal is a sum over m. Exact draws: a grid cell (x0, z, m) by its mass, uniformly within
+it, then drho = a (1 + u expm1(2ℓ/3))^(3/2) by inverse CDF of p(drho | m), and R = (m/drho)^(1/3),
+which is then distributed as R^-3 on [R1, R2].
 
 Scores: per parameter the Wasserstein-1 distance between a method's samples and the reference
-marginal, divided by the reference sd; *the error* of a run is the largest of the three.
+marginal, divided by the reference sd; *the error* of a run is the largest over the parameters.
 
-``python reference.py`` prints the reference for the default problem.
+``python reference.py`` prints the reference for the default problem;
+``python reference.py --density-bounds 1000 4000`` for the default data with the density unknown.
 """
 
+import argparse
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,6 +72,14 @@ import forward
 
 WINDOW_SDS = 8.0
 GRID_POINTS = 121
+#: Nodes of the 1-D marginals of R and drho: uniform over their range, plus as many again across
+#: each end of the ridge, where the marginal falls to zero over a few posterior sd of the mass.
+RIDGE_MARGINAL_POINTS = 601
+RIDGE_EDGE_POINTS = 201
+#: The R–drho joint density is tabulated on geometric grids, on which the ridge drho R^3 = m has the
+#: same width everywhere: NODES_PER_RIDGE_WIDTH nodes across ±2 posterior sd of m, within these limits.
+RIDGE_JOINT_POINTS = (201, 801)
+NODES_PER_RIDGE_WIDTH = 12
 
 
 def _trapezoid_weights(nodes):
@@ -36,9 +90,41 @@ def _trapezoid_weights(nodes):
     return weights
 
 
+class ExactReference:
+    """What every exact reference offers, whatever grid it is computed on.
+
+    Subclasses set ``mean``, ``sd``, ``covariance``, ``correlation`` (one row per parameter, in the
+    problem's order), ``log_evidence``, and provide ``marginal(i)``, ``joint_marginal(i, j)`` and
+    ``sample(n, rng)``.
+    """
+
+    @property
+    def dim(self):
+        return len(self.mean)
+
+    def marginal_cdf(self, i):
+        """(nodes, cdf) of parameter ``i``: cumulative trapezoid of the marginal, from 0 to 1."""
+        nodes, density = self.marginal(i)
+        cdf = np.concatenate([[0.0], np.cumsum(0.5 * (density[1:] + density[:-1]) * np.diff(nodes))])
+        return nodes, cdf / cdf[-1]
+
+    def quantile(self, i, probabilities):
+        nodes, cdf = self.marginal_cdf(i)
+        keep = np.concatenate([[True], np.diff(cdf) > 0])  # strictly increasing for interpolation
+        return np.interp(probabilities, cdf[keep], nodes[keep])
+
+    def summary(self):
+        return {
+            "mean": self.mean.tolist(),
+            "sd": self.sd.tolist(),
+            "correlation": self.correlation.tolist(),
+            "log_evidence": float(self.log_evidence),
+        }
+
+
 @dataclass
-class Reference:
-    """The exact posterior on a grid: nodes and trapezoid weights per axis, and log-density values.
+class Reference(ExactReference):
+    """The exact posterior on a grid in theta: nodes and trapezoid weights per axis, and log-density values.
 
     ``log_density`` is the normalised log posterior density at every grid node (shape n0 × nz × nR),
     so that ``sum(exp(log_density) * w0 w_z w_R) == 1``. ``log_evidence`` is log Z = log ∫ L p dθ,
@@ -58,62 +144,349 @@ class Reference:
 
     def __post_init__(self):
         mass = self.cell_mass
-        self.mean = np.array([np.sum(mass.sum(axis=tuple(a for a in range(3) if a != i)) * self.nodes[i]) for i in range(3)])
+        dim = len(self.nodes)
+        self.mean = np.array([np.sum(mass.sum(axis=tuple(a for a in range(dim) if a != i)) * self.nodes[i]) for i in range(dim)])
         grids = np.meshgrid(*self.nodes, indexing="ij")
         centred = [grid - m for grid, m in zip(grids, self.mean)]
-        self.covariance = np.array([[np.sum(mass * centred[i] * centred[j]) for j in range(3)] for i in range(3)])
+        self.covariance = np.array([[np.sum(mass * centred[i] * centred[j]) for j in range(dim)] for i in range(dim)])
         self.sd = np.sqrt(np.diag(self.covariance))
         self.correlation = self.covariance / np.outer(self.sd, self.sd)
 
     def marginal(self, i):
         """(nodes, density) of the 1-D marginal of parameter ``i``; the density integrates to 1."""
-        others = tuple(a for a in range(3) if a != i)
+        others = tuple(a for a in range(self.dim) if a != i)
         mass = self.cell_mass.sum(axis=others)
         return self.nodes[i], mass / self.weights[i]
 
     def joint_marginal(self, i, j):
         """(nodes_i, nodes_j, density[i, j]) of the 2-D marginal of parameters i < j."""
-        other = ({0, 1, 2} - {i, j}).pop()
-        mass = self.cell_mass.sum(axis=other)
+        others = tuple(a for a in range(self.dim) if a not in (i, j))
+        mass = self.cell_mass.sum(axis=others)
         return self.nodes[i], self.nodes[j], mass / np.outer(self.weights[i], self.weights[j])
-
-    def marginal_cdf(self, i):
-        """(nodes, cdf) of parameter ``i``: cumulative trapezoid of the marginal, from 0 to 1."""
-        nodes, density = self.marginal(i)
-        cdf = np.concatenate([[0.0], np.cumsum(0.5 * (density[1:] + density[:-1]) * np.diff(nodes))])
-        return nodes, cdf / cdf[-1]
-
-    def quantile(self, i, probabilities):
-        nodes, cdf = self.marginal_cdf(i)
-        keep = np.concatenate([[True], np.diff(cdf) > 0])  # strictly increasing for interpolation
-        return np.interp(probabilities, cdf[keep], nodes[keep])
 
     def sample(self, n, rng):
         """Draw n parameter sets: a grid cell by its probability mass, then uniformly within it."""
-        mass = self.cell_mass.ravel()
-        cells = rng.choice(mass.size, size=n, p=mass / mass.sum())
-        index = np.unravel_index(cells, self.log_density.shape)
-        columns = []
-        for axis in range(3):
-            nodes = self.nodes[axis]
-            spacing = nodes[1] - nodes[0]
-            value = nodes[index[axis]] + rng.uniform(-0.5, 0.5, size=n) * spacing
-            columns.append(np.clip(value, nodes[0], nodes[-1]))
-        return np.stack(columns, axis=1)
+        return _sample_cells(self.cell_mass, self.nodes, n, rng)
 
-    def summary(self):
-        return {
-            "mean": self.mean.tolist(),
-            "sd": self.sd.tolist(),
-            "correlation": self.correlation.tolist(),
-            "log_evidence": float(self.log_evidence),
-        }
+
+def _sample_cells(cell_mass, nodes, n, rng):
+    """n points: a grid cell by its probability mass, then uniformly within ±half a spacing (clipped)."""
+    mass = cell_mass.ravel()
+    cells = rng.choice(mass.size, size=n, p=mass / mass.sum())
+    index = np.unravel_index(cells, cell_mass.shape)
+    columns = []
+    for axis in range(len(nodes)):
+        axis_nodes = nodes[axis]
+        spacing = axis_nodes[1] - axis_nodes[0]
+        value = axis_nodes[index[axis]] + rng.uniform(-0.5, 0.5, size=n) * spacing
+        columns.append(np.clip(value, axis_nodes[0], axis_nodes[-1]))
+    return np.stack(columns, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The density contrast as a fourth unknown: the exact posterior on the mass ridge
+
+
+def _expm1_ratio(x):
+    """E(x) = expm1(x) / x, with E(0) = 1; x >= 0."""
+    safe = np.where(x > 0, x, 1.0)
+    return np.where(x > 0, np.expm1(safe) / safe, 1.0)
+
+
+@dataclass(frozen=True)
+class RidgeBox:
+    """The ridge's box in magnitudes: |drho| in [t_lo, t_hi], R in [r_lo, r_hi], and the sign of drho and m."""
+
+    t_lo: float
+    t_hi: float
+    r_lo: float
+    r_hi: float
+    sign: float
+
+    @classmethod
+    def of(cls, problem):
+        density_low, density_high = problem.density_bounds
+        sign = 1.0 if density_high > 0 else -1.0
+        t_lo, t_hi = sorted((abs(density_low), abs(density_high)))
+        radius = problem.bounds[problem.parameters.index(forward.RADIUS)]
+        return cls(t_lo, t_hi, float(radius[0]), float(radius[1]), sign)
+
+    @property
+    def mass_range(self):
+        """(low, high) of |m| = |drho| R^3 over the box."""
+        return self.t_lo * self.r_lo**3, self.t_hi * self.r_hi**3
+
+    def ends(self, mass):
+        """a(|m|), ℓ = log(b/a) (0 where the ridge misses the box) for magnitudes |m| (array)."""
+        mass = np.asarray(mass, dtype=float)
+        a = np.maximum(self.t_lo, mass / self.r_hi**3)
+        b = np.minimum(self.t_hi, mass / self.r_lo**3)
+        return a, np.log(np.maximum(b / a, 1.0))
+
+    def log_mass_factor(self, mass):
+        """log k(|m|) = log(1/3) - (2/3) log|m| + log I(2/3); -inf where the ridge misses the box."""
+        mass = np.asarray(mass, dtype=float)
+        a, ell = self.ends(mass)
+        with np.errstate(divide="ignore"):
+            return (np.log(1.0 / 3.0) - (2.0 / 3.0) * np.log(mass) + (2.0 / 3.0) * np.log(a)
+                    + np.log(ell) + np.log(_expm1_ratio(2.0 * ell / 3.0)))
+
+    def conditional_moments(self, mass):
+        """E[|drho|], E[|drho|^2], E[R], E[R^2], E[R |drho|] given |m| (arrays), from p(drho | m) ∝ drho^(-1/3)."""
+        a, ell = self.ends(mass)
+        norm = _expm1_ratio(2.0 * ell / 3.0)
+        scale = (np.asarray(mass, dtype=float) / a) ** (1.0 / 3.0)  # R at drho = a
+        return (
+            a * _expm1_ratio(5.0 * ell / 3.0) / norm,
+            a**2 * _expm1_ratio(8.0 * ell / 3.0) / norm,
+            scale * _expm1_ratio(ell / 3.0) / norm,
+            scale**2 / norm,  # E(0) = 1
+            scale * a * _expm1_ratio(4.0 * ell / 3.0) / norm,
+        )
+
+    def draw_density(self, mass, uniform):
+        """|drho| given |m| by inverse CDF: F(t) = (t^(2/3) - a^(2/3)) / (b^(2/3) - a^(2/3))."""
+        a, ell = self.ends(mass)
+        return a * (1.0 + uniform * np.expm1(2.0 * ell / 3.0)) ** 1.5
+
+
+def _cumulative_linear(nodes, values, points):
+    """∫ from nodes[0] to each point of the piecewise-linear interpolant of ``values`` (last axis on nodes).
+
+    Points outside [nodes[0], nodes[-1]] are clipped (the integrand is zero beyond the grid).
+    ``values``: (..., n); ``points``: any shape; returns (..., *points.shape).
+    """
+    spacing = np.diff(nodes)
+    cumulative = np.concatenate([np.zeros(values.shape[:-1] + (1,)),
+                                 np.cumsum(0.5 * (values[..., 1:] + values[..., :-1]) * spacing, axis=-1)], axis=-1)
+    points = np.clip(np.asarray(points, dtype=float), nodes[0], nodes[-1])
+    cell = np.clip(np.searchsorted(nodes, points, side="right") - 1, 0, nodes.size - 2)
+    fraction = (points - nodes[cell]) / spacing[cell]
+    left, right = values[..., cell], values[..., cell + 1]
+    return cumulative[..., cell] + spacing[cell] * (left * fraction + 0.5 * (right - left) * fraction**2)
+
+
+def _ridge_axis(low, high, edge_zones):
+    """Marginal nodes on [low, high]: uniform, plus dense nodes across each zone where the marginal has an edge."""
+    parts = [np.linspace(low, high, RIDGE_MARGINAL_POINTS)]
+    for zone_low, zone_high in edge_zones:
+        zone_low, zone_high = max(zone_low, low), min(zone_high, high)
+        if zone_high > zone_low:
+            parts.append(np.linspace(zone_low, zone_high, RIDGE_EDGE_POINTS))
+    nodes = np.unique(np.concatenate(parts))
+    keep = np.concatenate([[True], np.diff(nodes) > 1e-9 * (high - low)])
+    return nodes[keep]
+
+
+@dataclass
+class RidgeReference(ExactReference):
+    """The exact posterior of (x0, z, R, drho) with the density free, from a grid over (x0, z, m).
+
+    ``nodes``/``weights``: the (x0, z, m) axes and their trapezoid weights (m = drho R^3, signed
+    like the contrast). ``log_theta_density``: log L(x0, z, m) + log p(theta) - log Z at every node,
+    the normalised log posterior density of any theta on the ridge through the node (inside the box).
+    ``log_mass_factor``: log k(m) per m node, so that ``log_theta_density + log k`` is the normalised
+    log density of (x0, z, m). ``box``: the ridge's box (:class:`RidgeBox`). See the module docstring
+    for the mathematics.
+    """
+
+    nodes: list
+    weights: list
+    log_theta_density: np.ndarray
+    log_mass_factor: np.ndarray
+    log_evidence: float
+    box: RidgeBox
+
+    @cached_property
+    def log_density(self):
+        """Normalised log posterior density of (x0, z, m) on the grid."""
+        return self.log_theta_density + self.log_mass_factor
+
+    @cached_property
+    def cell_mass(self):
+        """Probability of each (x0, z, m) grid cell; sums to 1."""
+        w0, w1, w2 = self.weights
+        return np.exp(self.log_density) * w0[:, None, None] * w1[None, :, None] * w2[None, None, :]
+
+    @property
+    def magnitudes(self):
+        """|m| at the m nodes, increasing, and the permutation that orders the m axis that way."""
+        order = np.argsort(np.abs(self.nodes[2]))
+        return np.abs(self.nodes[2])[order], order
+
+    def __post_init__(self):
+        mass = self.cell_mass
+        x0, z, m = self.nodes
+        sign = self.box.sign
+        t1, t2, r1, r2, rt = self.box.conditional_moments(np.abs(m))
+        # the grid axis each parameter's conditional mean varies along, and that mean on the axis
+        axis = (0, 1, 2, 2)
+        conditional_mean = (x0, z, r1, sign * t1)
+        pair_mass = {(0, 1): mass.sum(axis=2), (0, 2): mass.sum(axis=1), (1, 2): mass.sum(axis=0)}
+        p_m = pair_mass[(0, 2)].sum(axis=0)
+        single_mass = (pair_mass[(0, 1)].sum(axis=1), pair_mass[(0, 1)].sum(axis=0), p_m, p_m)
+        self.mean = np.array([np.sum(single_mass[i] * conditional_mean[i]) for i in range(4)])
+        centred = [c - mu for c, mu in zip(conditional_mean, self.mean)]
+        # law of total covariance: the spread of the conditional means over the grid, plus the
+        # conditional (co)variances of R and drho given m (x0 and z are fixed given the cell)
+        covariance = np.empty((4, 4))
+        for i in range(4):
+            for j in range(i, 4):
+                if axis[i] == axis[j]:
+                    value = np.sum(single_mass[i] * centred[i] * centred[j])
+                else:
+                    value = centred[i] @ pair_mass[(axis[i], axis[j])] @ centred[j]
+                covariance[i, j] = covariance[j, i] = value
+        covariance[2, 2] += np.sum(p_m * (r2 - r1**2))
+        covariance[3, 3] += np.sum(p_m * (t2 - t1**2))
+        covariance[2, 3] += sign * np.sum(p_m * (rt - r1 * t1))
+        covariance[3, 2] = covariance[2, 3]
+        self.covariance = covariance
+        self.sd = np.sqrt(np.diag(covariance))
+        self.correlation = covariance / np.outer(self.sd, self.sd)
+
+    # λ(m) and its variants: the likelihood over the (x0, z) grid, in |m| order
+
+    def _likelihood_over_mass(self, keep_axis=None):
+        """λ(|m|) = ∫∫ L / (V Z) dx0 dz on the |m| nodes; with keep_axis 0 or 1 that axis is not integrated."""
+        magnitudes, order = self.magnitudes
+        density = np.exp(self.log_theta_density[:, :, order])
+        w0, w1, _ = self.weights
+        if keep_axis == 0:
+            return magnitudes, np.einsum("ijk,j->ik", density, w1)
+        if keep_axis == 1:
+            return magnitudes, np.einsum("ijk,i->jk", density, w0)
+        return magnitudes, np.einsum("ijk,i,j->k", density, w0, w1)
+
+    @cached_property
+    def _ranges(self):
+        """The R and |drho| ranges that the m window reaches inside the box, and the zones of their edges."""
+        magnitudes, _ = self.magnitudes
+        low, high = magnitudes[0], magnitudes[-1]
+        box = self.box
+        radius = (max(box.r_lo, (low / box.t_hi) ** (1 / 3)), min(box.r_hi, (high / box.t_lo) ** (1 / 3)))
+        density = (max(box.t_lo, low / box.r_hi**3), min(box.t_hi, high / box.r_lo**3))
+        radius_edges = [((low / t) ** (1 / 3), (high / t) ** (1 / 3)) for t in (box.t_hi, box.t_lo)]
+        density_edges = [(low / r**3, high / r**3) for r in (box.r_hi, box.r_lo)]
+        return radius, density, radius_edges, density_edges
+
+    def _radius_density(self, radius, values):
+        """p(R) = R^-3 ∫_{t_lo R^3}^{t_hi R^3} λ dm for λ values (..., n_m); zero outside the R box."""
+        magnitudes, _ = self.magnitudes
+        box = self.box
+        inside = (radius >= box.r_lo) & (radius <= box.r_hi)
+        cube = radius**3
+        integral = _cumulative_linear(magnitudes, values, box.t_hi * cube) - _cumulative_linear(magnitudes, values, box.t_lo * cube)
+        return np.where(inside, integral / cube, 0.0)
+
+    def _contrast_density(self, contrast, values):
+        """p(|drho|) = |drho|^(-1/3) ∫_{|drho| R_lo^3}^{|drho| R_hi^3} λ |m|^(-2/3) / 3 dm; zero outside the box."""
+        magnitudes, _ = self.magnitudes
+        box = self.box
+        weighted = values * magnitudes ** (-2.0 / 3.0) / 3.0
+        inside = (contrast >= box.t_lo) & (contrast <= box.t_hi)
+        integral = (_cumulative_linear(magnitudes, weighted, contrast * box.r_hi**3)
+                    - _cumulative_linear(magnitudes, weighted, contrast * box.r_lo**3))
+        return np.where(inside, integral * contrast ** (-1.0 / 3.0), 0.0)
+
+    @cached_property
+    def _radius_nodes(self):
+        radius, _, radius_edges, _ = self._ranges
+        return _ridge_axis(*radius, radius_edges)
+
+    @cached_property
+    def _contrast_nodes(self):
+        """|drho| nodes, increasing."""
+        _, density, _, density_edges = self._ranges
+        return _ridge_axis(*density, density_edges)
+
+    def _signed_contrast(self, magnitudes, density_along_last_axis):
+        """Nodes and densities of drho itself from those of |drho| (reversed for a negative contrast)."""
+        if self.box.sign > 0:
+            return magnitudes, density_along_last_axis
+        return -magnitudes[::-1], density_along_last_axis[..., ::-1]
+
+    @cached_property
+    def _marginals(self):
+        mass = self.cell_mass
+        _, lam = self._likelihood_over_mass()
+        radius = self._radius_nodes
+        contrast, contrast_density = self._signed_contrast(self._contrast_nodes, self._contrast_density(self._contrast_nodes, lam))
+        result = [
+            (self.nodes[0], mass.sum(axis=(1, 2)) / self.weights[0]),
+            (self.nodes[1], mass.sum(axis=(0, 2)) / self.weights[1]),
+            (radius, self._radius_density(radius, lam)),
+            (contrast, contrast_density),
+        ]
+        # normalise on the nodes (the analytic densities integrate to 1 up to quadrature error)
+        return [(nodes, density / np.trapezoid(density, nodes)) for nodes, density in result]
+
+    def marginal(self, i):
+        """(nodes, density) of the 1-D marginal of parameter ``i`` (x0, z, R, drho); integrates to 1."""
+        return self._marginals[i]
+
+    def mass_marginal(self):
+        """(m nodes, density) of the posterior of m = drho R^3."""
+        return self.nodes[2], self.cell_mass.sum(axis=(0, 1)) / self.weights[2]
+
+    @cached_property
+    def _ridge_grid(self):
+        """Geometric R and |drho| grids on which the ridge is resolved (see NODES_PER_RIDGE_WIDTH)."""
+        radius, density, _, _ = self._ranges
+        m_nodes, m_density = self.mass_marginal()
+        m_mean = np.trapezoid(m_nodes * m_density, m_nodes)
+        relative_sd = np.sqrt(np.trapezoid((m_nodes - m_mean) ** 2 * m_density, m_nodes)) / abs(m_mean)
+        # the ridge is drho R^3 = m: ±2 sd of log m is 4 relative_sd in log drho and a third of it in log R
+        points = int(np.clip(NODES_PER_RIDGE_WIDTH * np.log(density[1] / density[0]) / (4 * relative_sd), *RIDGE_JOINT_POINTS))
+        return np.geomspace(*radius, points), np.geomspace(*density, points)
+
+    def joint_marginal(self, i, j):
+        """(nodes_i, nodes_j, density[i, j]) of the 2-D marginal of parameters i and j (i < j; i > j transposes)."""
+        if i > j:
+            nodes_j, nodes_i, density = self.joint_marginal(j, i)
+            return nodes_i, nodes_j, density.T
+        if (i, j) == (0, 1):
+            return self.nodes[0], self.nodes[1], self.cell_mass.sum(axis=2) / np.outer(self.weights[0], self.weights[1])
+        if (i, j) == (2, 3):
+            radius, contrast = self._ridge_grid
+            magnitudes, lam = self._likelihood_over_mass()
+            joint = np.interp(contrast[None, :] * radius[:, None] ** 3, magnitudes, lam, left=0.0, right=0.0)
+            contrast, joint = self._signed_contrast(contrast, joint)
+            nodes_i, nodes_j = radius, contrast
+        else:  # one of x0, z with one of R, drho
+            _, lam = self._likelihood_over_mass(keep_axis=i)
+            if j == 2:
+                nodes_j = self._radius_nodes
+                joint = self._radius_density(nodes_j, lam)
+            else:
+                nodes_j, joint = self._signed_contrast(self._contrast_nodes, self._contrast_density(self._contrast_nodes, lam))
+            nodes_i = self.nodes[i]
+        total = np.trapezoid(np.trapezoid(joint, nodes_j, axis=1), nodes_i)
+        return nodes_i, nodes_j, joint / total
+
+    def sample(self, n, rng):
+        """n exact draws (n, 4): an (x0, z, m) cell by its mass, uniformly within it, then drho | m and R."""
+        cells = _sample_cells(self.cell_mass, self.nodes, n, rng)
+        magnitude = np.abs(cells[:, 2])
+        contrast = self.box.draw_density(magnitude, rng.uniform(size=n))
+        radius = np.clip((magnitude / contrast) ** (1.0 / 3.0), self.box.r_lo, self.box.r_hi)
+        return np.column_stack([cells[:, 0], cells[:, 1], radius, self.box.sign * contrast])
+
+
+# ----------------------------------------------------------------------------------------------
+# Computing the references
 
 
 def compute_reference(problem, laplace=None, grid_points=GRID_POINTS, window_sds=WINDOW_SDS):
-    """The exact posterior of ``problem`` on a ``grid_points``³ grid around the Laplace mode."""
+    """The exact posterior of ``problem`` on a ``grid_points``³ grid around the Laplace mode.
+
+    With the density known a grid over theta = (x0, z, R) (:class:`Reference`); with the density a
+    fourth unknown a grid over (x0, z, m = drho R^3) (:class:`RidgeReference`).
+    """
     if laplace is None:
         laplace = forward.laplace_approximation(problem)
+    if problem.free_density:
+        return compute_ridge_reference(problem, laplace, grid_points, window_sds)
     low = np.maximum(laplace.theta_map - window_sds * laplace.theta_sd, problem.bounds[:, 0])
     high = np.minimum(laplace.theta_map + window_sds * laplace.theta_sd, problem.bounds[:, 1])
     nodes = [np.linspace(lo, hi, grid_points) for lo, hi in zip(low, high)]
@@ -139,6 +512,103 @@ def compute_reference(problem, laplace=None, grid_points=GRID_POINTS, window_sds
     return Reference(nodes=nodes, weights=weights, log_density=log_joint - log_evidence, log_evidence=log_evidence)
 
 
+def _unit_anomaly(problem, x0, z):
+    """h(x0, z) at every station: the anomaly of m = drho R^3 = 1, so that g = m h. (..., n)."""
+    theta_unit = np.stack(np.broadcast_arrays(x0, z, 1.0), axis=-1)
+    return forward.sphere_anomaly(problem.stations, theta_unit, 1.0)
+
+
+def mass_laplace(problem, start):
+    """Best fit and Gauss–Newton covariance of (x0, z, m), m = drho R^3, by Gauss–Newton from ``start``.
+
+    g = m h(x0, z) is linear in m, so the fit is as well posed as with the density known. x0 and z
+    stay inside the box; m is free (the caller clips its window to the masses the box allows).
+    Returns (mode (3,), covariance (3, 3)) of the likelihood alone: k(m) only shapes the grid's weights.
+    """
+    w, d = problem.weights, problem.g_obs
+    lower, upper = problem.bounds[:2, 0], problem.bounds[:2, 1]
+
+    def fit(params):
+        x0, z, m = params
+        h = _unit_anomaly(problem, x0, z)
+        gradient = forward.sphere_anomaly_gradient(problem.stations, np.array([x0, z, 1.0]), 1.0)
+        residual = d - m * h
+        jacobian = np.column_stack([m * gradient[:, 0], m * gradient[:, 1], h])
+        return np.sum(w * residual**2), residual, jacobian
+
+    params = np.asarray(start, dtype=float).copy()
+    misfit, residual, jacobian = fit(params)
+    for _ in range(100):
+        normal = jacobian.T @ (w[:, None] * jacobian)
+        step = np.linalg.solve(normal, jacobian.T @ (w * residual))
+        length = 1.0
+        while length > 1e-6:  # halve the step until the misfit does not grow
+            trial = params + length * step
+            trial[:2] = np.clip(trial[:2], lower, upper)
+            trial_fit = fit(trial)
+            if trial_fit[0] <= misfit:
+                break
+            length /= 2
+        else:
+            break
+        moved = np.abs(trial - params)
+        params, (misfit, residual, jacobian) = trial, trial_fit
+        if np.all(moved <= 1e-12 * np.maximum(1.0, np.abs(params))):
+            break
+    try:
+        covariance = np.linalg.inv(jacobian.T @ (w[:, None] * jacobian))
+    except np.linalg.LinAlgError:
+        raise forward.DataError("the data do not determine the position, depth and mass of the sphere") from None
+    return params, covariance
+
+
+def compute_ridge_reference(problem, laplace=None, grid_points=GRID_POINTS, window_sds=WINDOW_SDS):
+    """The exact posterior of (x0, z, R, drho) on a ``grid_points``³ grid over (x0, z, m), m = drho R^3.
+
+    The window is ``±window_sds`` Gauss–Newton sd of (x0, z, m) around their best fit (started from
+    the Laplace mode, ``laplace.theta_map``), clipped to the box in x0 and z and to the masses the
+    box allows, [drho_lo R_lo^3, drho_hi R_hi^3] (in magnitude).
+    """
+    if laplace is None:
+        laplace = forward.laplace_approximation(problem)
+    box = RidgeBox.of(problem)
+    start = laplace.theta_map
+    mode, covariance = mass_laplace(problem, [start[0], start[1], start[3] * start[2] ** 3])
+    sd = np.sqrt(np.diag(covariance))
+    mass_low, mass_high = box.mass_range
+    if box.sign < 0:
+        mass_low, mass_high = -mass_high, -mass_low
+    low = np.maximum(mode - window_sds * sd, [*problem.bounds[:2, 0], mass_low])
+    high = np.minimum(mode + window_sds * sd, [*problem.bounds[:2, 1], mass_high])
+    if np.any(low >= high):
+        raise forward.DataError(
+            f"the best-fitting excess mass drho R^3 = {mode[2]:.4g} kg lies outside what the prior box allows "
+            f"([{mass_low:.4g}, {mass_high:.4g}]); widen --bounds for R or --density-bounds")
+    nodes = [np.linspace(lo, hi, grid_points) for lo, hi in zip(low, high)]
+    weights = [_trapezoid_weights(n) for n in nodes]
+
+    w, d = problem.weights, problem.g_obs
+    x0, z, mass = nodes
+    inner_dh = np.empty((grid_points, grid_points))
+    inner_hh = np.empty((grid_points, grid_points))
+    for i, x0_value in enumerate(x0):
+        h = _unit_anomaly(problem, x0_value, z)
+        inner_dh[i] = h @ (w * d)
+        inner_hh[i] = (h * h) @ w
+    sum_squares = np.sum(w * d * d) - 2.0 * inner_dh[:, :, None] * mass + inner_hh[:, :, None] * mass**2
+    log_joint = -0.5 * sum_squares + problem.log_likelihood_constant + problem.log_prior_density
+    log_mass_factor = box.log_mass_factor(np.abs(mass))
+
+    log_cell = np.log(weights[0])[:, None, None] + np.log(weights[1])[None, :, None] + np.log(weights[2])[None, None, :]
+    log_evidence = float(logsumexp(log_joint + log_mass_factor + log_cell))
+    return RidgeReference(nodes=nodes, weights=weights, log_theta_density=log_joint - log_evidence,
+                          log_mass_factor=log_mass_factor, log_evidence=log_evidence, box=box)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores
+
+
 def wasserstein1_to_marginal(samples, reference, i):
     """W1 between the empirical distribution of ``samples`` and the reference marginal of parameter i.
 
@@ -151,23 +621,37 @@ def wasserstein1_to_marginal(samples, reference, i):
 
 
 def score(theta, reference):
-    """``{'w1_over_sd': [3 floats], 'error': max of them}`` for samples theta (n, 3)."""
+    """``{'w1_over_sd': [one float per parameter], 'error': max of them}`` for samples theta (n, dim)."""
     theta = np.asarray(theta)
-    ratios = [wasserstein1_to_marginal(theta[:, i], reference, i) / reference.sd[i] for i in range(3)]
+    ratios = [wasserstein1_to_marginal(theta[:, i], reference, i) / reference.sd[i] for i in range(reference.dim)]
     return {"w1_over_sd": [float(r) for r in ratios], "error": float(max(ratios))}
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Print the exact reference posterior of the default data.")
+    parser.add_argument("--density-bounds", nargs=2, type=float, metavar=("LO", "HI"), default=None,
+                        help="treat the density contrast (kg/m³) as a fourth unknown, uniform on [LO, HI]")
+    args = parser.parse_args(argv)
+    try:
+        density_bounds = forward.check_density_bounds(args.density_bounds, forward.DEFAULT_DENSITY)
+    except forward.DataError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+
     start = time.perf_counter()
-    problem = forward.synthetic_problem()
+    problem = forward.synthetic_problem(density_bounds=density_bounds)
     reference = compute_reference(problem)
     elapsed = time.perf_counter() - start
-    print("Exact posterior of the default problem (grid quadrature, %d^3 nodes, ±%g Laplace sd):" % (GRID_POINTS, WINDOW_SDS))
+    if problem.free_density:
+        print("Exact posterior of the default data with the density contrast unknown, uniform on [%g, %g] kg/m³\n"
+              "(grid quadrature over (x0, z, m = Δρ R³), %d^3 nodes, ±%g sd; R and Δρ along the ridge analytically):"
+              % (*density_bounds, GRID_POINTS, WINDOW_SDS))
+    else:
+        print("Exact posterior of the default problem (grid quadrature, %d^3 nodes, ±%g Laplace sd):" % (GRID_POINTS, WINDOW_SDS))
     print(f"{'':>4} {'truth':>8} {'mean':>10} {'sd':>10}")
-    for name, truth, mean, sd in zip(forward.PARAMETERS, problem.truth, reference.mean, reference.sd):
+    for name, truth, mean, sd in zip(problem.names, problem.truth, reference.mean, reference.sd):
         print(f"{name:>4} {truth:8.3f} {mean:10.5f} {sd:10.5f}")
-    print("correlation (x0, z, R):")
-    for name, row in zip(forward.PARAMETERS, reference.correlation):
+    print(f"correlation ({', '.join(problem.names)}):")
+    for name, row in zip(problem.names, reference.correlation):
         print(f"{name:>4} " + " ".join(f"{value:7.3f}" for value in row))
     print(f"log evidence: {reference.log_evidence:.4f}")
     print(f"computed in {elapsed:.2f} s")

@@ -23,6 +23,8 @@ Pareto k-hat of PSIS, Vehtari et al. 2024).
 
 import math
 import sys
+import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -33,8 +35,11 @@ import cli
 import diagnostics
 import figures
 import forward
+import reference as reference_module
+import refine
 import report
 import splines
+import start as start_module
 from layers import FlowSequence
 
 #: The base map's diagonal is softplus(raw + _DIAGONAL_SHIFT) + _DIAGONAL_EPS: exactly 1 at raw = 0, never 0.
@@ -95,48 +100,123 @@ def standardisation(init, laplace):
     return np.zeros(dim), np.eye(dim)
 
 
+#: Annealing: beta rises geometrically from this to 1 (Rezende & Mohamed 2015 anneal their free energy likewise).
+BETA_START = 1e-4
+#: How often (iterations) training looks at the loss on the host: a check per step would stall a GPU.
+CHECK_EVERY = 100
+
+
 def elbo_terms(model, log_likelihood, log_prior, n, generator=None):
     """Samples and their log importance weights log p(d, theta) - log q(theta)."""
     theta, log_q = model.sample(n, generator)
     return theta, log_likelihood(theta) + log_prior - log_q
 
 
-def train(model, log_likelihood, log_prior, iterations, batch, lr, clip_norm=None, clip_value=None,
-          generator=None, progress=True, stop=None):
-    """Maximise the ELBO with Adam and a cosine decay of the learning rate to zero.
+def anneal_schedule(iterations, fraction, beta_start=BETA_START):
+    """The inverse temperature beta of every iteration: geometric from ``beta_start`` to 1 over the first
+    ``round(fraction * iterations)`` iterations, then 1. ``fraction`` 0: no annealing (beta = 1 throughout)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"the annealing fraction must lie in [0, 1], got {fraction}")
+    beta = np.ones(iterations)
+    n = int(round(fraction * iterations))
+    if n > 1:
+        beta[:n] = np.geomspace(beta_start, 1.0, n)
+    return beta
 
-    Returns the ELBO estimate of every iteration done (fewer than ``iterations`` if ``stop`` —
-    an object with an ``interrupted`` flag — was set). Raises :class:`TrainingDiverged`.
+
+def train(model, log_likelihood, log_prior, iterations, batch, lr, clip_norm=None, clip_value=None,
+          generator=None, progress=True, stop=None, anneal=0.0, checkpoints=(), on_checkpoint=None):
+    """Maximise the (annealed) ELBO with Adam and a cosine decay of the learning rate to zero.
+
+    With ``anneal`` > 0 the likelihood is tempered during the first ``anneal`` share of the
+    iterations: the loss is -E_q[beta log L + log p - log q] with beta from :func:`anneal_schedule`,
+    so that q first spreads over the prior and then contracts onto the posterior as beta rises to 1.
+
+    Returns ``(history, seconds)``: the ELBO estimate (at beta = 1, whatever the current beta) of
+    every iteration done — fewer than ``iterations`` if ``stop`` (an object with an ``interrupted``
+    flag) was set — and the training time. After each iteration listed in ``checkpoints`` (1-based)
+    ``on_checkpoint(iteration, seconds)`` is called with the training time so far; the time the
+    callback takes is not counted. The loss is brought to the host only every ``CHECK_EVERY``
+    iterations (a per-step ``.item()`` stalls a GPU); a non-finite ELBO then raises
+    :class:`TrainingDiverged` naming the first iteration where it appeared.
     """
     optimiser = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=iterations, eta_min=0.0)
-    history = np.empty(iterations)
+    beta = anneal_schedule(iterations, anneal).tolist()
+    checkpoints = set(checkpoints)
+    device = next(model.parameters()).device
+    history = torch.empty(iterations, dtype=torch.float64, device=device)
     bar = tqdm(range(iterations), desc="training", disable=not progress, mininterval=0.5, file=sys.stderr)
+    clock = _Clock(device)
+    done = iterations
     for iteration in bar:
-        _, log_weights = elbo_terms(model, log_likelihood, log_prior, batch, generator)
-        elbo = log_weights.mean()
-        value = elbo.item()
-        if not math.isfinite(value):
-            bar.close()
-            raise TrainingDiverged(f"training diverged at iteration {iteration + 1} of {iterations} (the ELBO is {value})")
-        optimiser.zero_grad(set_to_none=True)
-        (-elbo).backward()
-        if clip_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-        if clip_value is not None:
-            nn.utils.clip_grad_value_(model.parameters(), clip_value)
-        optimiser.step()
-        schedule.step()
-        history[iteration] = value
-        if iteration % 100 == 0:
-            bar.set_postfix_str(f"ELBO {history[max(0, iteration - 99):iteration + 1].mean():.2f}", refresh=False)
+        try:
+            theta, log_q = model.sample(batch, generator)
+            log_like = log_likelihood(theta)
+            elbo = (log_like + log_prior - log_q).mean()
+            loss = -elbo if beta[iteration] == 1.0 else -(beta[iteration] * log_like + log_prior - log_q).mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+            if clip_value is not None:
+                nn.utils.clip_grad_value_(model.parameters(), clip_value)
+            optimiser.step()
+            schedule.step()
+        except Exception:
+            _check_finite(history, iteration, iterations)  # after a NaN step anything may fail: name the NaN
+            raise
+        history[iteration] = elbo.detach()
+        last = iteration + 1 == iterations or (stop is not None and stop.interrupted)
+        if (iteration + 1) % CHECK_EVERY == 0 or last:
+            recent = history[max(0, iteration + 1 - CHECK_EVERY):iteration + 1]
+            _check_finite(history, iteration + 1, iterations)
+            bar.set_postfix_str(f"ELBO {recent.mean().item():.2f}" + (f", beta {beta[iteration]:.2g}" if beta[iteration] < 1 else ""),
+                                refresh=False)
+        if iteration + 1 in checkpoints and on_checkpoint is not None:
+            with clock.paused():
+                _check_finite(history, iteration + 1, iterations)
+                on_checkpoint(iteration + 1, clock.seconds())
         if stop is not None and stop.interrupted:
-            bar.close()
-            return history[: iteration + 1]
+            done = iteration + 1
+            break
+    bar.close()
+    seconds = clock.seconds()
     for parameter in model.parameters():
         if not torch.isfinite(parameter).all():
-            raise TrainingDiverged(f"training diverged by iteration {iterations}: some flow parameters are not finite")
-    return history
+            raise TrainingDiverged(f"training diverged by iteration {done}: some flow parameters are not finite")
+    return history[:done].cpu().numpy(), seconds
+
+
+def _check_finite(history, done, iterations):
+    """Raise TrainingDiverged naming the first of the ``done`` iterations whose ELBO is not finite (one host sync)."""
+    finite = torch.isfinite(history[:done])
+    if not bool(finite.all()):
+        first = int((~finite).nonzero()[0, 0])
+        raise TrainingDiverged(f"training diverged at iteration {first + 1} of {iterations} "
+                               f"(the ELBO is {history[first].item()})")
+
+
+class _Clock:
+    """Training time with pauses (checkpoint scoring is not training); waits for the GPU before each reading."""
+
+    def __init__(self, device):
+        self.device = device
+        self.start = time.perf_counter()
+        self.paused_for = 0.0
+
+    def seconds(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - self.start - self.paused_for
+
+    @contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_for += time.perf_counter() - began
 
 
 @torch.no_grad()
@@ -168,16 +248,41 @@ def importance_diagnostics(log_weights, log_evidence=None):
 # Command line, shared by the six flow scripts
 
 
+#: The share of the iterations over which the likelihood is annealed when a flow starts from the prior.
+ANNEAL_FROM_PRIOR = 0.6
+
+
+def _by_start(value):
+    """A default that may depend on the start: a number, or ``{"laplace": .., "prior": ..}``."""
+    return value if isinstance(value, dict) else {"laplace": value, "prior": value}
+
+
 def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=False):
-    """The common options plus the flow options, with this method's defaults (``hidden=None``: no conditioner)."""
+    """The common options plus the flow options, with this method's defaults (``hidden=None``: no conditioner).
+
+    ``iterations`` and ``lr`` are numbers or ``{"laplace": .., "prior": ..}``: the default then depends
+    on the start that ``--init`` (or ``auto``) chooses; :func:`resolve_defaults` fills them in.
+    """
     parser = cli.common_parser(doc, method, default_samples=10_000)
+    iterations, lr = _by_start(iterations), _by_start(lr)
+    parser.set_defaults(default_iterations=iterations, default_lr=lr)
+
+    def by_start(values):
+        if values["laplace"] == values["prior"]:
+            return f"{values['laplace']}"
+        return f"{values['laplace']} from the Laplace start, {values['prior']} from the prior"
+
     group = parser.add_argument_group("flow and training")
     group.add_argument("--flows", type=cli.positive_int, default=flows, help="number of flow layers (default: %(default)s)")
     if hidden is not None:
         group.add_argument("--hidden", type=cli.positive_int, default=hidden, help="hidden units per conditioner layer (default: %(default)s)")
-    group.add_argument("--iterations", type=cli.positive_int, default=iterations, help="training iterations (default: %(default)s)")
-    group.add_argument("--lr", type=cli.positive_float, default=lr, help="Adam's initial learning rate, decayed to 0 by a cosine (default: %(default)s)")
+    group.add_argument("--iterations", type=cli.positive_int, help=f"training iterations (default: {by_start(iterations)})")
+    group.add_argument("--lr", type=cli.positive_float,
+                       help=f"Adam's initial learning rate, decayed to 0 by a cosine (default: {by_start(lr)})")
     group.add_argument("--batch", type=cli.positive_int, default=batch, help="Monte Carlo samples per training step (default: %(default)s)")
+    group.add_argument("--anneal", type=cli.fraction, metavar="FRACTION",
+                       help="anneal the likelihood: beta rises geometrically from 1e-4 to 1 over this share of the "
+                            f"iterations; 0: off (default: {ANNEAL_FROM_PRIOR} from the prior start, 0 from the Laplace start)")
     clip = group.add_mutually_exclusive_group()
     clip.add_argument("--clip-norm", type=cli.positive_float, metavar="X", help="clip the gradient's norm to X")
     clip.add_argument("--clip-value", type=cli.positive_float, metavar="X", help="clip every gradient component to [-X, X]")
@@ -186,7 +291,23 @@ def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=Fal
         group.add_argument("--bins", type=cli.positive_int, default=splines.DEFAULT_BINS, help="spline bins K (default: %(default)s)")
         group.add_argument("--tail-bound", type=cli.positive_float, default=splines.DEFAULT_TAIL_BOUND, metavar="B",
                            help="the spline acts on [-B, B], identity outside (default: %(default)s)")
+    group.add_argument("--refine", choices=refine.METHODS, default="none",
+                       help="after training, correct the flow's draws towards the posterior: importance = Pareto-smoothed "
+                            "importance resampling, mh = independence Metropolis-Hastings with the flow as proposal "
+                            "(default: %(default)s)")
     return parser
+
+
+def resolve_defaults(args, init):
+    """Fill in the defaults that depend on the start (``init``: "laplace" or "prior") and return args."""
+    if args.iterations is None:
+        args.iterations = args.default_iterations[init]
+    if args.lr is None:
+        args.lr = args.default_lr[init]
+    if args.anneal is None:
+        args.anneal = ANNEAL_FROM_PRIOR if init == "prior" else 0.0
+    del args.default_iterations, args.default_lr
+    return args
 
 
 def device_for(name):
@@ -202,12 +323,13 @@ def device_for(name):
     return torch.device(name)
 
 
-def build_flow(args, build_layers, laplace, problem, device):
-    """The FlowPosterior for these options, its layer weights drawn from ``args.seed``.
+def build_flow(args, build_layers, laplace, problem, device, init):
+    """The FlowPosterior for these options from the start ``init`` ("laplace" or "prior"), its layer
+    weights drawn from ``args.seed``.
 
     The CPU's global generator is restored afterwards (training and sampling use their own
     generators, so nothing depends on any global random state)."""
-    shift, scale_tril = standardisation(args.init, laplace)
+    shift, scale_tril = standardisation(init, laplace)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = FlowPosterior(build_layers(args, problem.dim), problem.bounds, shift, scale_tril)
@@ -215,40 +337,65 @@ def build_flow(args, build_layers, laplace, problem, device):
 
 
 def run_flow_method(args, build_layers):
-    """Everything a flow script does after parsing: data, reference, training, evaluation, outputs."""
+    """Everything a flow script does after parsing: data, reference, start, training, evaluation, refinement, outputs."""
     with cli.Timer() as total:
         device = device_for(args.device)
         problem, out, laplace, reference = cli.setup_run(args)
+        chosen = start_module.choose_start(args.init, problem, laplace)
+        resolve_defaults(args, chosen.init)
+        print(f"start: {chosen.init} ({chosen.reason})" + (f"; annealing over {100 * args.anneal:.0f} % of "
+              f"{args.iterations} iterations" if args.anneal else ""), file=sys.stderr)
 
-        model = build_flow(args, build_layers, laplace, problem, device)
+        model = build_flow(args, build_layers, laplace, problem, device, chosen.init)
         log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)
         generator = torch.Generator(device=device).manual_seed(args.seed)
-        with cli.interruptible("training") as stop, cli.Timer() as training:
+        with cli.interruptible("training") as stop:
             try:
-                history = train(model, log_likelihood, problem.log_prior_density, args.iterations, args.batch,
-                                args.lr, args.clip_norm, args.clip_value, generator, not args.quiet, stop)
+                history, train_seconds = train(model, log_likelihood, problem.log_prior_density, args.iterations,
+                                               args.batch, args.lr, args.clip_norm, args.clip_value, generator,
+                                               not args.quiet, stop, anneal=args.anneal)
             except TrainingDiverged as error:
                 advice = f"try a smaller --lr (now {args.lr:g}) or gradient clipping (--clip-norm 10)"
-                advice += ", or --init laplace" if args.init == "prior" else ""
+                advice += ", or --init laplace" if chosen.init == "prior" else ""
                 return cli.fail_without_results(out, f"{error}; {advice}")
-        theta, log_weights = evaluate(model, log_likelihood, problem.log_prior_density, args.samples, generator)
+        n_draws = refine.draws_needed(args.refine, args.samples) if args.refine != "none" else args.samples
+        theta, log_weights = evaluate(model, log_likelihood, problem.log_prior_density, n_draws, generator)
         if not np.all(np.isfinite(theta)):
             return cli.fail_without_results(out, "the trained flow draws non-finite samples; try a smaller --lr")
         results = importance_diagnostics(log_weights, reference.log_evidence)
         results.update(
+            start=chosen.summary(),
             iterations=int(history.size),
-            train_time_s=training.seconds,
-            time_per_iteration_ms=1e3 * training.seconds / history.size,
+            anneal=args.anneal,
+            anneal_iterations=int(round(args.anneal * args.iterations)),
+            train_time_s=train_seconds,
+            time_per_iteration_ms=1e3 * train_seconds / history.size,
             n_parameters=int(sum(p.numel() for p in model.parameters())),
+            likelihood_evaluations=chosen.likelihood_evaluations + int(history.size) * args.batch + args.samples,
         )
+        lines = []
+        if args.refine != "none":
+            results["vi"] = {"error": None, **{key: results[key] for key in ("kl", "is_ess", "khat")}}
+            results["vi"].update(reference_module.score(theta[:args.samples], reference))
+            with cli.Timer() as refining:
+                theta, refined = refine.refine(args.refine, theta, log_weights, args.samples,
+                                               np.random.default_rng(args.seed))
+            results["refine"] = {**refined, "time_s": refining.seconds}
+            lines.append(f"VI alone: error {results['vi']['error']:.4f}; refined by {args.refine}"
+                         + ("" if refined["trustworthy"] else " (NOT TRUSTWORTHY)"))
+            if not refined["trustworthy"]:
+                print(f"warning: {refined['warning']}", file=sys.stderr)
+        else:
+            theta = theta[:args.samples]
     figures.plot_elbo(out / "elbo.png", history, reference.log_evidence, title=args.method,
                       final_kl=(results["kl"], args.samples))
     summary = report.write_results(out, args, problem, reference, theta, results, total.seconds, stop.interrupted)
     report.print_summary(summary, [
         f"ELBO {results['elbo']:.4f} ± {results['elbo_se']:.4f}, KL(q||p) {results['kl']:.4f} nats, "
         f"importance ESS {100 * results['is_ess']:.1f} %, PSIS k-hat {results['khat']:.2f}",
-        f"training: {history.size} iterations in {training.seconds:.1f} s "
+        f"training: {history.size} iterations in {train_seconds:.1f} s "
         f"({results['time_per_iteration_ms']:.2f} ms per iteration)",
+        *lines,
     ])
     print(f"wrote {out}/", file=sys.stderr)
     return cli.EXIT_INTERRUPTED if stop.interrupted else 0

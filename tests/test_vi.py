@@ -190,3 +190,101 @@ def test_importance_diagnostics_of_an_exact_q():
     _, log_weights = vi.evaluate(model, diagonal_gaussian, LOG_PRIOR, 20_000, torch.Generator().manual_seed(0))
     result = vi.importance_diagnostics(log_weights, log_evidence=0.0)
     assert abs(result["kl"]) < 0.01 and result["is_ess"] > 0.95 and result["khat"] < 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Annealing, divergence checks without a per-step host sync, and the checkpoint clock
+
+
+def test_anneal_schedule_rises_geometrically_to_one():
+    beta = vi.anneal_schedule(1000, 0.6)
+    assert beta[0] == pytest.approx(vi.BETA_START) and beta[599] == pytest.approx(1.0)
+    np.testing.assert_allclose(beta[1:600] / beta[:599], (1 / vi.BETA_START) ** (1 / 599))  # geometric
+    assert np.all(beta[600:] == 1.0) and np.all(np.diff(beta) >= 0)
+    assert np.all(vi.anneal_schedule(50, 0.0) == 1.0)
+    with pytest.raises(ValueError):
+        vi.anneal_schedule(10, 1.5)
+
+
+RIDGE_BOUNDS = np.array([[0.5, 3.0], [0.5, 3.0], [-5.0, 5.0]])
+RIDGE_WIDTH = 0.01
+
+
+def ridge_log_likelihood(theta):
+    """A thin curved ridge a·b³ = 1 (relative width 1 %) across a box, like the mass ridge of R and Δρ."""
+    a, b, c = theta.unbind(-1)
+    return -0.5 * ((a * b**3 - 1) / RIDGE_WIDTH) ** 2 - 0.5 * c**2
+
+
+def ridge_log_evidence():
+    """log ∫ L p over the box by quadrature: a dense grid in (a, b) times the exact Gaussian integral in c."""
+    a = np.linspace(*RIDGE_BOUNDS[0], 4001)
+    b = np.linspace(*RIDGE_BOUNDS[1], 4001)
+    grid = -0.5 * ((a[:, None] * b[None, :] ** 3 - 1) / RIDGE_WIDTH) ** 2
+    from scipy.special import erf
+    mass_c = math.sqrt(2 * math.pi) * erf(5 / math.sqrt(2))
+    area = np.trapezoid(np.trapezoid(np.exp(grid), b, axis=1), a)
+    return math.log(area * mass_c) - np.sum(np.log(RIDGE_BOUNDS[:, 1] - RIDGE_BOUNDS[:, 0]))
+
+
+def test_annealing_fits_a_curved_ridge_better_from_the_prior():
+    """From the prior, reverse KL without annealing collapses onto part of a thin ridge; tempering the
+    likelihood lets q spread along it first. Same flow, same budget, same seed."""
+    log_prior = -float(np.sum(np.log(RIDGE_BOUNDS[:, 1] - RIDGE_BOUNDS[:, 0])))
+    log_z = ridge_log_evidence()
+    kl = {}
+    for anneal in (0.0, 0.6):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = vi.FlowPosterior(layers_of("auto_Affine"), RIDGE_BOUNDS, np.zeros(3), np.eye(3)).double()
+        generator = torch.Generator().manual_seed(0)
+        vi.train(model, ridge_log_likelihood, log_prior, 1500, 64, 0.005, generator=generator, progress=False,
+                 anneal=anneal)
+        _, log_weights = vi.evaluate(model, ridge_log_likelihood, log_prior, 20_000, generator)
+        kl[anneal] = log_z - np.mean(log_weights)
+    print("KL(q||p) on the ridge without and with annealing:", kl)
+    assert kl[0.6] < 0.5 * kl[0.0] and kl[0.6] > -0.01, kl
+
+
+def test_training_checks_the_loss_without_a_host_sync_every_step(monkeypatch):
+    syncs = {"n": 0}
+    item, boolean = torch.Tensor.item, torch.Tensor.__bool__
+
+    # Adam reads its step counters with .item(): they live on the host (float32 scalars) even when
+    # training runs on a GPU, so only reads of the float64 model's values and of boolean checks count.
+    def counting_item(self):
+        syncs["n"] += self.dtype in (torch.float64, torch.bool)
+        return item(self)
+
+    def counting_bool(self):
+        syncs["n"] += self.dtype in (torch.float64, torch.bool)
+        return boolean(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    monkeypatch.setattr(torch.Tensor, "__bool__", counting_bool)
+    def plain_gaussian(theta):  # torch.distributions would check its arguments on the host at every call
+        return -0.5 * theta.square().sum(-1)
+
+    model = make_flow([], [0, 0, 0], [1, 1, 1])
+    history, _ = vi.train(model, plain_gaussian, LOG_PRIOR, 500, 8, 0.01, progress=False)
+    assert history.shape == (500,) and np.all(np.isfinite(history))
+    assert syncs["n"] <= 500 // vi.CHECK_EVERY * 3 + 10  # a few per check, none per step
+
+
+def test_scoring_at_checkpoints_is_not_counted_as_training_time():
+    import time
+
+    model = make_flow([], [0, 0, 0], [1, 1, 1])
+    calls = []
+
+    def slow_scorer(iteration, seconds):
+        calls.append((iteration, seconds))
+        time.sleep(0.3)
+
+    started = time.perf_counter()
+    _, seconds = vi.train(model, gaussian_log_target, LOG_PRIOR, 200, 8, 0.01, progress=False,
+                          checkpoints=(50, 100, 200), on_checkpoint=slow_scorer)
+    elapsed = time.perf_counter() - started
+    assert [iteration for iteration, _ in calls] == [50, 100, 200]
+    assert elapsed - seconds >= 0.9  # the three pauses are not training
+    assert all(a[1] < b[1] for a, b in zip(calls, calls[1:])) and calls[-1][1] <= seconds + 1e-9
