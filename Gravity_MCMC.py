@@ -1,4 +1,4 @@
-"""Random-walk Metropolis–Hastings for the buried-sphere gravity inversion.
+"""Adaptive random-walk Metropolis–Hastings for the buried-sphere gravity inversion.
 
 Each step proposes ``theta' = theta + L xi`` with ``xi ~ N(0, I)`` — a symmetric Gaussian proposal,
 so the acceptance probability is the posterior ratio ``min(1, p(theta' | d) / p(theta | d))``.
@@ -6,21 +6,45 @@ Proposals outside the prior box have zero prior density and are rejected; they a
 back into the box (reflection by ``abs``, as the original did, breaks the symmetry of the proposal
 near zero and biases the sampler).
 
-Two starts (``--init``):
+Adaptation (Haario, Saksman & Tamminen 2001), during the burn-in only. Every ``ADAPT_EVERY`` steps
+the proposal covariance is re-estimated from the chains' states over the second half of the burn-in
+so far, pooled over all chains::
 
-* ``laplace`` (default): the chains start over-dispersed around the MAP and propose with the Laplace
-  covariance scaled by 2.38²/d (the optimal random-walk scale for a Gaussian target in d dimensions,
-  Gelman, Roberts & Gilks 1996);
-* ``prior``: the original's settings: start (5.5, 8.5, 4.5), isotropic proposal of scale 0.01 m.
+    L L^T = s (Cov(states) + eps D),    s = 2.38² / d
+
+(``s``: the optimal random-walk scale for a Gaussian target in d dimensions, Gelman, Roberts & Gilks
+1996; ``eps D``: a regulariser, ``REGULARISER`` times the first proposal's variance per coordinate,
+that keeps ``L`` defined if the chains have not moved). At the end of the burn-in ``L`` is fixed:
+the kept steps are an exact Metropolis–Hastings chain with one symmetric proposal, whatever the
+adaptation did (it only chose that proposal). This is what crosses the mass ridge of a free
+density contrast (``--density-bounds``): the Laplace covariance is the ridge's tangent at the mode,
+the chains' covariance spans its whole curved length.
+
+Two starts (``--init``; ``auto``, the default, picks one by the Laplace Gaussian's importance
+diagnostics, see ``start.py``):
+
+* ``laplace``: the chains start over-dispersed around the MAP (three Laplace sd) and first propose
+  with the Laplace covariance scaled by 2.38²/d;
+* ``prior``: the first chain starts at the original's (5.5, 8.5, 4.5) (and the centre of the density
+  range), the others at draws from the prior, with the original's isotropic proposal of 0.01 m
+  (for the density, the same fraction of its range). With the density known this is the
+  original's run exactly (one chain, 100000 + 20000 iterations, no adaptation); with a free
+  density, which the original never had, eight chains adapt their proposal during the burn-in.
 
 ``--chains N`` runs N chains at once, vectorised over chains (one numpy operation per step for all
 of them). Diagnostics: acceptance rate, integrated autocorrelation time and ESS per parameter
-(Sokal's automatic window), split R-hat with two or more chains.
+(Sokal's automatic window), split R-hat with two or more chains; a run whose split R-hat exceeds
+``RHAT_LIMIT`` or whose smallest ESS is below ``ESS_LIMIT`` is reported as not converged
+(Vehtari, Gelman, Simpson, Carpenter & Bürkner 2021).
 
-References: Metropolis et al. (1953); Hastings (1970); Gelman et al., Bayesian Data Analysis (2013).
+References: Metropolis et al. (1953); Hastings (1970); Haario, Saksman & Tamminen, Bernoulli 7
+(2001) 223–242; Roberts & Rosenthal, J. Comput. Graph. Stat. 18 (2009) 349–367 (adaptation
+during burn-in, pooled covariance); Gelman et al., Bayesian Data Analysis (2013).
 """
 
+import argparse
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
@@ -30,9 +54,18 @@ import diagnostics
 import figures
 import forward
 import report
+import start as start_module
 
 ORIGINAL_START = (5.5, 8.5, 4.5)
 ORIGINAL_PROPOSAL_SCALE = 0.01
+#: Steps between two re-estimates of the proposal covariance during the burn-in.
+ADAPT_EVERY = 200
+#: The regulariser's share of the first proposal's variance, per coordinate (Haario et al.'s epsilon).
+REGULARISER = 1e-6
+#: A run is reported as not converged above this split R-hat or below this smallest ESS
+#: (Vehtari et al. 2021).
+RHAT_LIMIT = 1.01
+ESS_LIMIT = 400
 
 
 def optimal_scale(dim):
@@ -40,25 +73,39 @@ def optimal_scale(dim):
     return 2.38**2 / dim
 
 
-def metropolis_hastings(problem, starts, proposal_chol, n_steps, rng, progress=False, stop=None):
-    """Run ``len(starts)`` chains of random-walk Metropolis–Hastings together.
+@dataclass
+class Sampled:
+    """A run of :func:`sample`.
 
-    ``starts``: (n_chains, dim) inside the box; ``proposal_chol``: (dim, dim) Cholesky factor of the
-    proposal covariance. Returns ``(chains (n_done, n_chains, dim), log_posterior (n_done, n_chains),
-    accepted (n_chains,))``, where ``n_done < n_steps`` if ``stop.interrupted`` was set.
+    ``chains`` (n_done, n_chains, dim) and ``log_posterior`` (n_done, n_chains): every state, burn-in
+    included; ``burn_in``: how many of the steps were burn-in; ``accepted`` (n_chains,): accepted
+    proposals of the kept steps; ``proposal_chol``: the Cholesky factor of the proposal used for
+    every kept step; ``adapted_covariance``: the chains' covariance it was made from (None without
+    adaptation); ``adaptations``: how many times the proposal changed; ``likelihood_evaluations``:
+    parameter sets whose likelihood was computed (the starts, and every proposal inside the box).
     """
-    current = np.array(starts, dtype=float)
+
+    chains: np.ndarray
+    log_posterior: np.ndarray
+    burn_in: int
+    accepted: np.ndarray
+    proposal_chol: np.ndarray
+    adapted_covariance: np.ndarray
+    adaptations: int
+    likelihood_evaluations: int
+
+
+def _steps(problem, current, current_log_post, proposal_chol, chains, log_posterior, rng, bar, stop):
+    """Advance the chains ``current`` (updated in place) by ``len(chains)`` steps with a fixed proposal,
+    writing every state into ``chains`` and ``log_posterior``. Returns (steps done, accepted per chain,
+    likelihood evaluations); fewer steps than asked if ``stop.interrupted`` was set."""
     n_chains, dim = current.shape
-    current_log_post = problem.log_posterior(current)
-    if not np.all(np.isfinite(current_log_post)):
-        raise forward.DataError("a chain's start has zero posterior density (outside the prior box)")
-    chains = np.empty((n_steps, n_chains, dim))
-    log_posterior = np.empty((n_steps, n_chains))
     accepted = np.zeros(n_chains)
-    bar = tqdm(total=n_steps, desc="sampling", disable=not progress, mininterval=0.5, file=sys.stderr)
-    for step in range(n_steps):
+    evaluations = 0
+    for step in range(len(chains)):
         proposal = current + rng.standard_normal((n_chains, dim)) @ proposal_chol.T
         proposal_log_post = problem.log_posterior(proposal)  # -inf outside the box: always rejected
+        evaluations += np.count_nonzero(proposal_log_post > -np.inf)  # outside the box nothing is computed
         accept = np.log(rng.uniform(size=n_chains)) < proposal_log_post - current_log_post
         if accept.any():
             current[accept] = proposal[accept]
@@ -66,19 +113,80 @@ def metropolis_hastings(problem, starts, proposal_chol, n_steps, rng, progress=F
             accepted += accept
         chains[step] = current
         log_posterior[step] = current_log_post
-        if step % 1000 == 999:
-            bar.update(1000)
-            if stop is not None and stop.interrupted:
-                bar.close()
-                return chains[: step + 1], log_posterior[: step + 1], accepted
+        bar.update(1)
+        if stop is not None and stop.interrupted:
+            return step + 1, accepted, evaluations
+    return len(chains), accepted, evaluations
+
+
+def adapted_proposal(states, scale, regulariser):
+    """Cholesky factor of ``scale * (Cov(states) + regulariser)``, the covariance pooled over all
+    states (n, n_chains, dim) (Haario et al. 2001); None where that is not positive definite."""
+    covariance = np.cov(states.reshape(-1, states.shape[-1]), rowvar=False)
+    try:
+        return np.linalg.cholesky(scale * (covariance + regulariser)), covariance
+    except np.linalg.LinAlgError:
+        return None, covariance
+
+
+def sample(problem, starts, proposal_chol, burn_in, iterations, rng, adapt=True, scale=None, adapt_every=ADAPT_EVERY,
+           progress=False, stop=None):
+    """Run ``len(starts)`` chains of random-walk Metropolis–Hastings together: ``burn_in`` steps, adapting
+    the proposal every ``adapt_every`` steps if ``adapt``, then ``iterations`` kept steps with the last
+    proposal fixed.
+
+    ``starts``: (n_chains, dim) inside the box; ``proposal_chol``: (dim, dim) Cholesky factor of the
+    first proposal covariance; ``scale``: the factor on the chains' covariance (default 2.38²/d).
+    Returns a :class:`Sampled`; a run stopped by ``stop.interrupted`` returns the steps it made.
+    """
+    current = np.array(starts, dtype=float)
+    n_chains, dim = current.shape
+    current_log_post = problem.log_posterior(current)
+    if not np.all(np.isfinite(current_log_post)):
+        raise forward.DataError("a chain's start has zero posterior density (outside the prior box)")
+    scale = optimal_scale(dim) if scale is None else scale
+    proposal_chol = np.asarray(proposal_chol, dtype=float)
+    regulariser = REGULARISER * np.diag(np.sum(proposal_chol**2, axis=1))  # diag(L L^T) of the first proposal
+    total = burn_in + iterations
+    chains = np.empty((total, n_chains, dim))
+    log_posterior = np.empty((total, n_chains))
+    evaluations = n_chains
+    adapted_covariance, adaptations = None, 0
+    bar = tqdm(total=total, desc="sampling", disable=not progress, mininterval=0.5, file=sys.stderr)
+    done = 0
+    # the burn-in, in windows after each of which the proposal is re-estimated
+    while done < burn_in:
+        window = min(adapt_every, burn_in - done) if adapt else burn_in
+        steps, _, count = _steps(problem, current, current_log_post, proposal_chol, chains[done:done + window],
+                                 log_posterior[done:done + window], rng, bar, stop)
+        done, evaluations = done + steps, evaluations + count
+        if steps < window:  # interrupted
+            break
+        if adapt:
+            chol, covariance = adapted_proposal(chains[done // 2:done], scale, regulariser)
+            if chol is not None:
+                proposal_chol, adapted_covariance, adaptations = chol, covariance, adaptations + 1
+    accepted = np.zeros(n_chains)
+    if done == burn_in:  # the kept steps: one fixed proposal, an exact Metropolis–Hastings chain
+        steps, accepted, count = _steps(problem, current, current_log_post, proposal_chol, chains[done:],
+                                        log_posterior[done:], rng, bar, stop)
+        done, evaluations = done + steps, evaluations + count
     bar.close()
-    return chains, log_posterior, accepted
+    return Sampled(chains[:done], log_posterior[:done], burn_in, accepted, proposal_chol, adapted_covariance,
+                   adaptations, int(evaluations))
 
 
-def initial_states(args, problem, laplace, rng):
-    """The chains' starts and the proposal's Cholesky factor for ``--init``."""
+def metropolis_hastings(problem, starts, proposal_chol, n_steps, rng, progress=False, stop=None):
+    """Plain random-walk Metropolis–Hastings with one fixed proposal (no burn-in, no adaptation):
+    ``(chains (n_done, n_chains, dim), log_posterior (n_done, n_chains), accepted (n_chains,))``."""
+    run = sample(problem, starts, proposal_chol, 0, n_steps, rng, adapt=False, progress=progress, stop=stop)
+    return run.chains, run.log_posterior, run.accepted
+
+
+def initial_states(args, problem, laplace, init, rng):
+    """The chains' starts and the first proposal's Cholesky factor for the start ``init``."""
     dim = problem.dim
-    if args.init == "prior":
+    if init == "prior":
         # the original's start; a free density starts at the centre of its prior range
         first = np.array(args.start if args.start is not None else ORIGINAL_START + tuple(problem.bounds[3:].mean(axis=1)),
                          dtype=float)
@@ -100,50 +208,103 @@ def initial_states(args, problem, laplace, rng):
     return np.array(starts), proposal_chol
 
 
-#: Defaults by --init: "prior" is the original's run exactly; "laplace" keeps the original's 100000
-#: kept iterations in all, spread over four chains so that split R-hat can be computed.
+#: Defaults by start. "laplace": the original's 100000 kept iterations in all, spread over four chains
+#: so that split R-hat can be computed; the Laplace covariance is already close, the adaptation only
+#: refines it. "original" (--init prior with the density known): the original's run exactly.
+#: "prior, free density": chains from the prior must find the ridge and learn its curved length
+#: (τ of about 500 steps even then): eight chains of 100000 kept steps give split R-hat < 1.01 and
+#: an ESS over 1000.
 DEFAULTS = {
-    "prior": {"chains": 1, "iterations": 100_000, "burn_in": 20_000, "proposal_scale": ORIGINAL_PROPOSAL_SCALE},
-    "laplace": {"chains": 4, "iterations": 25_000, "burn_in": 2_000, "proposal_scale": 1.0},
+    "laplace": {"chains": 4, "iterations": 25_000, "burn_in": 2_000, "proposal_scale": 1.0, "adapt": True},
+    "original": {"chains": 1, "iterations": 100_000, "burn_in": 20_000, "proposal_scale": ORIGINAL_PROPOSAL_SCALE,
+                 "adapt": False},
+    "prior, free density": {"chains": 8, "iterations": 100_000, "burn_in": 10_000,
+                            "proposal_scale": ORIGINAL_PROPOSAL_SCALE, "adapt": True},
 }
+
+
+def defaults_key(init, problem):
+    """Which :data:`DEFAULTS` a run from the start ``init`` ("laplace" or "prior") gets on ``problem``."""
+    if init == "laplace":
+        return "laplace"
+    return "prior, free density" if problem.free_density else "original"
+
+
+def _choices(name, unit=""):
+    return " | ".join(f"{DEFAULTS[key][name]}{unit}" for key in DEFAULTS)
 
 
 def build_parser():
     parser = cli.common_parser(__doc__, "MCMC", default_samples=10_000)
-    group = parser.add_argument_group("sampler (defaults depend on --init: laplace | prior)")
-    group.add_argument("--chains", type=cli.positive_int, help="chains run together (default: 4 | 1)")
-    group.add_argument("--iterations", type=cli.positive_int, help="kept iterations per chain (default: 25000 | 100000)")
-    group.add_argument("--burn-in", type=cli.nonnegative_int, help="iterations discarded at the start of each chain (default: 2000 | 20000)")
+    group = parser.add_argument_group(
+        "sampler (defaults depend on the start: laplace | prior with the density known, the original's run | "
+        "prior with --density-bounds)")
+    group.add_argument("--chains", type=cli.positive_int, help=f"chains run together (default: {_choices('chains')})")
+    group.add_argument("--iterations", type=cli.positive_int,
+                       help=f"kept iterations per chain (default: {_choices('iterations')})")
+    group.add_argument("--burn-in", type=cli.nonnegative_int,
+                       help=f"iterations discarded at the start of each chain (default: {_choices('burn_in')})")
+    group.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"re-estimate the proposal covariance from the chains every {ADAPT_EVERY} burn-in steps "
+                            "(Haario et al. 2001), then keep it fixed for the kept steps (default: on | off | on)")
     group.add_argument("--proposal-scale", type=cli.positive_float, metavar="SCALE",
-                       help="laplace: a factor on the Laplace proposal covariance's Cholesky factor, already scaled by "
-                            f"2.38/sqrt(d) (default 1); prior: the isotropic proposal sd in m (default {ORIGINAL_PROPOSAL_SCALE})")
+                       help="laplace: a factor on the proposal's Cholesky factor, the Laplace (then adapted) covariance "
+                            "scaled by 2.38²/d (default 1); prior: the sd in m of the first, isotropic proposal "
+                            f"(default {ORIGINAL_PROPOSAL_SCALE}), the adapted one is the chains' covariance scaled by 2.38²/d")
     group.add_argument("--start", type=cli.finite_float, nargs="+", metavar="VALUE",
                        help=f"start of the first chain, one value per unknown: X0 Z R [DRHO] "
                             f"(default: near the MAP | {ORIGINAL_START} and the centre of --density-bounds)")
     return parser
 
 
-def parse_args(argv):
-    """The options, with the defaults that depend on --init filled in."""
-    args = build_parser().parse_args(argv)
-    for name, value in DEFAULTS[args.init].items():
+def resolve_defaults(args, init, problem):
+    """Fill in the options that depend on the start (``init``: "laplace" or "prior") and return args."""
+    for name, value in DEFAULTS[defaults_key(init, problem)].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.samples = min(args.samples, args.iterations * args.chains)
     return args
 
 
+def convergence_warning(rhat, ess, names):
+    """The "not converged" line for split R-hat above RHAT_LIMIT or an ESS below ESS_LIMIT; None if neither."""
+    problems = []
+    if rhat is not None and not np.all(np.asarray(rhat) <= RHAT_LIMIT):
+        worst = [name for name, r in zip(names, rhat) if not r <= RHAT_LIMIT]
+        problems.append(f"split R-hat up to {np.nanmax(rhat):.3f} > {RHAT_LIMIT} ({', '.join(worst)})")
+    if not np.all(np.asarray(ess) >= ESS_LIMIT):
+        worst = [name for name, e in zip(names, ess) if not e >= ESS_LIMIT]
+        problems.append(f"smallest ESS {np.nanmin(ess):.0f} < {ESS_LIMIT} ({', '.join(worst)})")
+    if not problems:
+        return None
+    return "warning: not converged: " + " and ".join(problems) + "; run more --iterations (or --chains, --burn-in)"
+
+
+def thin(kept, n):
+    """``n`` states evenly spaced through every chain of ``kept`` (n_steps, n_chains, dim), chain after chain."""
+    pooled = kept.transpose(1, 0, 2).reshape(-1, kept.shape[-1])  # chain-major: every chain gives its share
+    return pooled[np.linspace(0, pooled.shape[0] - 1, min(n, pooled.shape[0])).round().astype(int)]
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     with cli.Timer() as total:
         cli.check_start(args.start, cli.load_problem(args))
         problem, out, laplace, reference = cli.setup_run(args)
+        chosen = start_module.choose_start(args.init, problem, laplace)
+        resolve_defaults(args, chosen.init, problem)
+        print(f"start: {chosen.init} ({chosen.reason}); {args.chains} chain{'s' if args.chains > 1 else ''}, "
+              f"{args.burn_in} burn-in steps " + (f"adapting the proposal every {ADAPT_EVERY}" if args.adapt else
+                                                  "with a fixed proposal") + f", {args.iterations} kept",
+              file=sys.stderr)
 
         rng = np.random.default_rng(args.seed)
-        starts, proposal_chol = initial_states(args, problem, laplace, rng)
+        starts, proposal_chol = initial_states(args, problem, laplace, chosen.init, rng)
+        scale = optimal_scale(problem.dim) * (args.proposal_scale**2 if chosen.init == "laplace" else 1.0)
         with cli.interruptible("sampling") as stop, cli.Timer() as sampling:
-            chains, log_posterior, _ = metropolis_hastings(problem, starts, proposal_chol, args.burn_in + args.iterations,
-                                                        rng, progress=not args.quiet, stop=stop)
+            run = sample(problem, starts, proposal_chol, args.burn_in, args.iterations, rng, adapt=args.adapt,
+                         scale=scale, progress=not args.quiet, stop=stop)
+        chains = run.chains
         burn_in = min(args.burn_in, chains.shape[0] // 2)  # an interrupted run keeps its second half at least
         kept = chains[burn_in:]
         tau, reliable = diagnostics.integrated_time(kept, warn=False)
@@ -152,14 +313,17 @@ def main(argv=None):
         if not reliable:
             print(f"warning: the chains are short for their autocorrelation time (τ up to {np.max(tau):.0f}, "
                   f"{kept.shape[0]} kept iterations): ESS and τ are rough; run more --iterations", file=sys.stderr)
+        not_converged = convergence_warning(rhat, ess, problem.names)
+        if not_converged:
+            print(not_converged, file=sys.stderr)
 
         # acceptance of the kept steps: a step was accepted exactly when the state moved (a proposal
         # equal to the current state has probability zero)
         moved = np.any(np.diff(kept, axis=0) != 0, axis=-1)
         acceptance = moved.mean(axis=0) if moved.size else np.full(kept.shape[1], np.nan)
-        pooled = kept.reshape(-1, problem.dim)
-        theta = pooled[np.linspace(0, pooled.shape[0] - 1, min(args.samples, pooled.shape[0])).round().astype(int)]
+        theta = thin(kept, args.samples)
         results = {
+            "start": chosen.summary(),
             "iterations": int(kept.shape[0]),
             "burn_in": int(burn_in),
             "chains": int(kept.shape[1]),
@@ -169,26 +333,34 @@ def main(argv=None):
             "tau_reliable": bool(reliable),
             "ess": ess.tolist(),
             "rhat": None if rhat is None else np.asarray(rhat).tolist(),
+            "converged": not_converged is None,
+            "convergence_warning": not_converged,
+            "adapted": run.adaptations > 0,
+            "adaptations": run.adaptations,
+            "adapted_covariance": None if run.adapted_covariance is None else run.adapted_covariance.tolist(),
+            "proposal_covariance": (run.proposal_chol @ run.proposal_chol.T).tolist(),
+            "likelihood_evaluations": chosen.likelihood_evaluations + run.likelihood_evaluations,
             "sampling_time_s": sampling.seconds,
             "ess_per_s": float(np.min(ess) / sampling.seconds),
             "time_per_iteration_ms": 1e3 * sampling.seconds / chains.shape[0],
         }
-        # RMS misfit in µGal from the log-likelihood: sum((r/sigma)^2) = -2 misfit (exact for one sigma;
-        # with per-station sigma it is the noise-weighted RMS, in units of the RMS sigma)
-        noise_level = float(np.sqrt(np.mean(problem.noise_sd_array**2)))
-        misfit = log_posterior - problem.log_prior_density - problem.log_likelihood_constant
-        rms = noise_level * np.sqrt(np.maximum(-2.0 * misfit, 0.0) / problem.n_stations)
+        # noise-weighted RMS misfit sqrt(chi²/n) from the log-likelihood: sum((r/sigma)^2) = -2 misfit
+        misfit = run.log_posterior - problem.log_prior_density - problem.log_likelihood_constant
+        rms = np.sqrt(np.maximum(-2.0 * misfit, 0.0) / problem.n_stations)
     figures.plot_trace(out / "trace.png", chains, burn_in=burn_in, title=args.method, parameters=problem.parameters)
     figures.plot_autocorrelation(out / "autocorrelation.png", kept, title=args.method, tau=(tau, reliable),
                                  parameters=problem.parameters)
-    figures.plot_misfit(out / "misfit.png", rms, noise_level, burn_in=burn_in, title=args.method)
+    figures.plot_misfit(out / "misfit.png", rms, problem.noise_sd, burn_in=burn_in, title=args.method, noise_weighted=True)
     summary = report.write_results(out, args, problem, reference, theta, results, total.seconds, stop.interrupted)
     report.print_summary(summary, [
-        f"{kept.shape[1]} chain{'s' if kept.shape[1] > 1 else ''} × {kept.shape[0]} kept iterations (burn-in {burn_in}), "
+        f"{kept.shape[1]} chain{'s' if kept.shape[1] > 1 else ''} × {kept.shape[0]} kept iterations (burn-in {burn_in}"
+        + (f", proposal adapted {run.adaptations} times" if run.adaptations else "") + "), "
         f"acceptance after burn-in {100 * results['acceptance']:.1f} %",
         "τ " + ", ".join(f"{t:.1f}" for t in tau) + "; ESS " + ", ".join(f"{e:.0f}" for e in ess)
         + f"; min ESS per second of sampling {results['ess_per_s']:.0f}",
-        "split R-hat " + ("n/a (one chain)" if rhat is None else ", ".join(f"{r:.4f}" for r in rhat)),
+        "split R-hat " + ("n/a (one chain)" if rhat is None else ", ".join(f"{r:.4f}" for r in rhat))
+        + ("" if not_converged is None else " — not converged"),
+        f"{results['likelihood_evaluations']} likelihood evaluations",
     ])
     print(f"wrote {out}/", file=sys.stderr)
     return cli.EXIT_INTERRUPTED if stop.interrupted else 0

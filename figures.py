@@ -339,8 +339,13 @@ def plot_marginals(path, theta, reference=None, truth=None, title="", scores=Non
     if scores is None and reference is not None and len(theta):
         scores = _scores(theta, reference)
     limits = _all_view_limits(theta, reference, truth, bounds)
-    figure, axes = plt.subplots(1, dim, figsize=(14 * dim / 3, 4.6), squeeze=False)
-    axes = axes[0]
+    n_columns = dim if dim <= 3 else math.ceil(dim / math.ceil(dim / 3))  # four unknowns: two rows of two
+    n_rows = math.ceil(dim / n_columns)
+    height = 4.6 if n_rows == 1 else 4.0 * n_rows + 0.6
+    figure, axes = plt.subplots(n_rows, n_columns, figsize=(max(14 * n_columns / 3, 11.0), height), squeeze=False)
+    for ax in axes.ravel()[dim:]:
+        ax.set_visible(False)
+    axes = axes.ravel()[:dim]
     for i, (ax, parameter) in enumerate(zip(axes, parameters)):
         low, high = limits[i]
         unit = parameter.unit
@@ -378,7 +383,7 @@ def plot_marginals(path, theta, reference=None, truth=None, title="", scores=Non
         ax.set_xlim(low, high)
         ax.set_ylim(0, 1.45 * peak if peak > 0 else 1.0)
         ax.set_xlabel(parameter.label)
-        if i == 0 or unit != parameters[i - 1].unit:  # a density's unit changes with its parameter's
+        if i % n_columns == 0 or unit != parameters[i - 1].unit:  # a density's unit changes with its parameter's
             ax.set_ylabel(f"probability density ({_per_unit(unit)})")
         ax.set_title(parameter.description)
         _plain_ticks(ax, 6)
@@ -393,7 +398,7 @@ def plot_marginals(path, theta, reference=None, truth=None, title="", scores=Non
     names = (p.description.removesuffix(f" {p.symbol}") for p in parameters)  # "depth of centre z" -> "depth of centre"
     what = f"posterior marginals of the sphere's {_listing(names)} ({n_total} samples)"
     figure.suptitle(_heading(title, what))
-    figure.tight_layout(rect=(0, 0.05, 1, 1))
+    figure.tight_layout(rect=(0, 0.23 / height, 1, 1))
     output.save_figure(figure, path)
 
 

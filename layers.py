@@ -73,11 +73,22 @@ def coupling_mask(dim, index):
     0, 1, 2, 0, ... and transform [1, 2], [0, 2], [0, 1], ...: each feature is transformed in two
     layers out of three and is conditioned on each other feature in turn (a fixed split such as
     [0, 2] / [1] would never let features 0 and 2 condition each other).
+
+    When windows of more than one feature tile the features exactly (dim a multiple of c > 1: every
+    even dim from 4), sliding by c would return to the same split every dim / c layers, and features
+    inside one window would never condition each other — with dim = 4, R and Δρ (features 2, 3)
+    never would, yet their relation is the mass ridge. So each time the windows come round, they
+    start one feature further on: with dim = 4 the layers condition on [0, 1], [2, 3], [1, 2],
+    [3, 0], [2, 3], [0, 1], ...: layers 2p and 2p + 1 are complementary (together they transform
+    every feature), and every feature conditions every other within 2 dim / c layers.
     """
     if dim < 2:
         raise ValueError(f"a coupling layer needs at least 2 features, got dim={dim}")
     width = dim // 2
-    start = (index * width) % dim
+    start = index * width
+    if width > 1 and dim % width == 0:
+        start += index * width // dim
+    start %= dim
     conditioning = {(start + offset) % dim for offset in range(width)}
     return [feature for feature in range(dim) if feature not in conditioning]
 

@@ -20,7 +20,7 @@ volume V; change variables (R, drho) -> (m, drho), R = (m / drho)**(1/3),
 dR/dm = m**(-2/3) drho**(-1/3) / 3, and integrate drho out over the part of the ridge inside the box:
 
     p(x0, z, m | d) = L(x0, z, m) k(m) / (V Z),
-    k(m) = ∫_a^b drho^(-1/3) dρ / (3 m^(2/3)) = ½ m^(-2/3) (b^(2/3) - a^(2/3)),
+    k(m) = ∫_a^b drho^(-1/3) d(drho) / (3 m^(2/3)) = ½ m^(-2/3) (b^(2/3) - a^(2/3)),
     a(m) = max(drho_lo, m / R_hi^3),  b(m) = min(drho_hi, m / R_lo^3),
 
 with k = 0 where b <= a (m outside [drho_lo R_lo^3, drho_hi R_hi^3]). For a negative contrast

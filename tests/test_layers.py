@@ -25,13 +25,33 @@ HIDDEN = 8  # small conditioners keep the autograd Jacobians quick; the maths do
 # -- coupling masks ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dim", [2, 3, 4, 5])
-def test_coupling_masks_transform_every_feature_within_two_consecutive_layers(dim):
-    masks = layers.coupling_masks(dim, 2 * dim + 1)
+def _conditioned_on(masks, dim):
+    """The (transformed, given) feature pairs that some layer of ``masks`` couples."""
+    pairs = set()
+    for mask in masks:
+        pairs |= {(transformed, given) for transformed in mask for given in set(range(dim)) - set(mask)}
+    return pairs
+
+
+@pytest.mark.parametrize("dim", [2, 3, 4, 5, 6])
+def test_coupling_masks_transform_every_feature_within_two_layers(dim):
+    """Odd dims (and 2): any two consecutive layers; even dims from 4: layers 2p and 2p + 1."""
+    masks = layers.coupling_masks(dim, 4 * dim + 1)
     for mask in masks:
         assert mask == sorted(set(mask)) and 0 < len(mask) < dim and set(mask) <= set(range(dim))
-    for first, second in zip(masks, masks[1:]):
+    step = 2 if dim >= 4 and dim % 2 == 0 else 1
+    for first, second in list(zip(masks, masks[1:]))[::step]:
         assert set(first) | set(second) == set(range(dim)), (first, second)
+
+
+@pytest.mark.parametrize("dim", [3, 4, 5, 6])
+def test_coupling_masks_let_every_feature_condition_every_other(dim):
+    """Within 2 dim layers every ordered pair of features is coupled; at dim 4 the third layer already
+    transforms Δρ given R (features 3 and 2: the mass ridge), which a fixed half split never does."""
+    everything = {(i, j) for i in range(dim) for j in range(dim) if i != j}
+    assert _conditioned_on(layers.coupling_masks(dim, 2 * dim), dim) == everything
+    if dim == 4:
+        assert (3, 2) in _conditioned_on(layers.coupling_masks(4, 3), 4)
 
 
 def test_coupling_masks_of_dim_3_let_every_feature_condition_every_other():
