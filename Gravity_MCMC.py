@@ -54,6 +54,7 @@ import diagnostics
 import figures
 import forward
 import report
+import runner
 import start as start_module
 
 ORIGINAL_START = (5.5, 8.5, 4.5)
@@ -367,4 +368,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    runner.run(main)

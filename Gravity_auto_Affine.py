@@ -14,6 +14,7 @@ Kingma, D. P. et al. (2016). Improved variational inference with inverse autoreg
 """
 
 import cli
+import runner
 import vi
 from autoregressive import AutoregressiveAffine, layer_orders
 
@@ -31,4 +32,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    runner.run(main)

@@ -13,6 +13,7 @@ Durkan, C., Bekasov, A., Murray, I. & Papamakarios, G. (2019). Neural spline flo
 """
 
 import cli
+import runner
 import vi
 from autoregressive import AutoregressiveSpline, layer_orders
 
@@ -33,4 +34,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    runner.run(main)

@@ -14,6 +14,7 @@ Dinh, L., Sohl-Dickstein, J. & Bengio, S. (2017). Density estimation using Real 
 """
 
 import cli
+import runner
 import vi
 from layers import AffineCoupling, coupling_mask
 
@@ -31,4 +32,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    runner.run(main)

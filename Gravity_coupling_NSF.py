@@ -14,6 +14,7 @@ Durkan, C., Bekasov, A., Murray, I. & Papamakarios, G. (2019). Neural spline flo
 """
 
 import cli
+import runner
 import vi
 from layers import coupling_mask
 from splines import SplineCoupling
@@ -35,4 +36,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    runner.run(main)

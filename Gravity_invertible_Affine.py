@@ -16,6 +16,7 @@ Kingma, D. P. & Dhariwal, P. (2018). Glow: Generative flow with invertible 1x1 c
 """
 
 import cli
+import runner
 import vi
 from layers import GlowStep
 
@@ -33,4 +34,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    runner.run(main)

@@ -13,6 +13,7 @@ Rezende, D. J. & Mohamed, S. (2015). Variational inference with normalizing flow
 """
 
 import cli
+import runner
 import vi
 from layers import Planar
 
@@ -30,4 +31,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    runner.run(main)

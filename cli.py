@@ -1,9 +1,13 @@
-"""What every script shares on the command line: options, input checks, interrupts, and the run's outputs.
+"""What every script shares on the command line: options, input checks, interrupts.
 
 Bad input never produces a traceback: it raises :class:`forward.DataError` (or argparse rejects an
-option), and :func:`run` prints one line, ``<script>: error: <what is wrong>``, on stderr and exits
+option), and ``runner.run`` prints one line, ``<script>: error: <what is wrong>``, on stderr and exits
 with status 2. A first Ctrl-C during training or sampling asks the loop to stop and keep what it has;
-a second one, or one at any other moment, exits at once (status 130), leaving no half-written file.
+a second one, or one at any other moment, exits at once (status 130), leaving no half-written file
+and no part of a result (output.py: a folder holds a complete result or nothing of the run).
+
+:class:`Parser` records every option it is given, so that other modules (sweep.py) look options up
+by name through :meth:`Parser.option` instead of argparse's internals.
 """
 
 import argparse
@@ -13,7 +17,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,10 +34,51 @@ EXIT_INTERRUPTED = 130
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line on stderr (no usage block) and exit status 2."""
+    """argparse, but a bad option is one line on stderr (no usage block) and exit status 2; and a
+    record of every option added, to the parser or to any of its groups, for :meth:`option`.
+
+    (Options copied from ``parents=`` parsers are not recorded; no script uses them.)
+    """
+
+    def __init__(self, *args, **kwargs):
+        self._recorded = []  # before argparse's __init__, which adds --help
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+    # add_argument returns the action it made, on the parser and on its groups alike: keep it.
+    def _record(self, action):
+        self._recorded.append(action)
+        return action
+
+    def _recording(self, group):
+        """Make ``group`` (an argument or mutually exclusive group of this parser) record what is added to it."""
+        add_argument = group.add_argument
+        add_argument_group = group.add_argument_group
+        add_exclusive_group = group.add_mutually_exclusive_group
+        group.add_argument = lambda *args, **kwargs: self._record(add_argument(*args, **kwargs))
+        group.add_argument_group = lambda *args, **kwargs: self._recording(add_argument_group(*args, **kwargs))
+        group.add_mutually_exclusive_group = lambda **kwargs: self._recording(add_exclusive_group(**kwargs))
+        return group
+
+    def add_argument(self, *args, **kwargs):
+        return self._record(super().add_argument(*args, **kwargs))
+
+    def add_argument_group(self, *args, **kwargs):
+        return self._recording(super().add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, **kwargs):
+        return self._recording(super().add_mutually_exclusive_group(**kwargs))
+
+    def actions(self):
+        """Every option (argparse action) added to this parser and its groups, in the order they were added."""
+        return tuple(self._recorded)
+
+    def option(self, name):
+        """The action of the option ``name`` (``"--flows"`` or ``"flows"``), or None if this parser has no such option."""
+        wanted = name if name.startswith("-") else f"--{name}"
+        return next((action for action in self._recorded if wanted in action.option_strings), None)
 
 
 def _number(kind, low=None, low_inclusive=False, high=None):
@@ -147,26 +191,29 @@ def check_start(start, problem):
 
 
 def prepare_output(folder):
-    """Create the output folder and prove it is writable; DataError naming the path otherwise."""
+    """Create the output folder, prove it is writable, and make it this run's (:func:`output.begin_result`:
+    an earlier run's result files there are removed, and what this run writes is recorded until its
+    result is complete). DataError naming the path if it cannot be written."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        output.begin_result(folder)
     except OSError as error:
         raise DataError(f"cannot write to the output folder {folder}: {error.strerror or error}") from None
     return folder
 
 
-#: Every file a run writes into its output folder (SPEC, 'What each script writes').
-RESULT_FILES = ("summary.json", "samples.npz", "marginals.png", "pairs.png", "predictive_check.png",
-                "elbo.png", "trace.png", "autocorrelation.png", "misfit.png")
+#: Every file a run, a comparison or a sweep writes into its output folder (SPEC, 'What each script writes').
+RESULT_FILES = output.RESULT_FILES
 
 
 def fail_without_results(folder, message):
     """Report a failed run: one line on stderr, and no result files left behind that could be taken
-    for this run's (an earlier run's files in the same folder are removed). Returns EXIT_DIVERGED."""
+    for this run's. (An earlier run's files were removed when the run began, :func:`prepare_output`;
+    any found here, in a folder not prepared that way, are removed now.) Returns EXIT_DIVERGED."""
     removed = [name for name in RESULT_FILES if (Path(folder) / name).exists()]
     for name in removed:
         (Path(folder) / name).unlink()
@@ -195,16 +242,20 @@ def warn_if_on_bound(laplace):
 
 
 # ----------------------------------------------------------------------------------------------
-# Interrupts and the top level
+# Interrupts (runner.run installs quit_now for the whole run)
 
 
 def quit_now(signum=None, frame=None):
-    """Ctrl-C where nothing can stop early, or a second one: remove half-written files and exit 130 at once.
+    """Ctrl-C where nothing can stop early, or a second one: exit 130 at once, leaving nothing unfinished.
 
-    Raising KeyboardInterrupt instead is not reliable: it can land in a finaliser or a weakref callback
-    (matplotlib has many), where Python prints a traceback, ignores it and carries on.
+    Half-written files are removed, and so is every file of a result not yet complete (its
+    summary.json or table.md not written): the output folder holds a complete result or nothing of
+    this run. Raising KeyboardInterrupt instead is not reliable: it can land in a finaliser or a
+    weakref callback (matplotlib has many), where Python prints a traceback, ignores it and carries on.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C must not cut the clean-up short
     output.discard_temporaries()
+    output.discard_unfinished()
     os.write(2, f"\n{Path(sys.argv[0]).name}: interrupted\n".encode())
     os._exit(EXIT_INTERRUPTED)
 
@@ -226,30 +277,6 @@ def interruptible(what="the run"):
         yield state
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def run(main, argv=None):
-    """Run a script's ``main(argv)`` (or a sweep of it); bad input is one line on stderr and exit status 2."""
-    prog = Path(sys.argv[0]).name
-    warnings.simplefilter("default")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    previous = signal.signal(signal.SIGINT, quit_now)
-    try:
-        if any(arg == "--sweep" or arg.startswith("--sweep=") for arg in argv):
-            import sweep
-
-            status = sweep.run_sweep(main, argv)
-        else:
-            status = main(argv)
-    except DataError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        status = EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        status = EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    sys.exit(status or 0)
 
 
 class Timer:

@@ -29,6 +29,7 @@ import traceback
 import cli
 import figures
 import forward
+import runner
 import start
 import sweep
 from forward import DataError
@@ -44,6 +45,9 @@ WHAT = {
     "coupling_NSF": "coupling spline (NSF)",
     "invertible_Affine": "Glow: ActNorm + 1×1 + coupling",
 }
+
+#: Checkpoints per method for the convergence figure (geometrically spaced over each run).
+CHECKPOINTS = 12
 
 #: --quick: a smoke run of every code path, not an accurate one.
 QUICK_FLOW_ITERATIONS = 300
@@ -77,6 +81,12 @@ def build_parser():
                        help=f"a short smoke run: flows {QUICK_FLOW_ITERATIONS} iterations, MCMC "
                             f"{QUICK_MCMC[1]} + {QUICK_MCMC[3]} burn-in per chain, a short cost-ratio timing")
     group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the flows train (default: %(default)s)")
+    group.add_argument("--checkpoints", type=cli.nonnegative_int, default=CHECKPOINTS, metavar="N",
+                       help="score every method against the exact reference at N points of its run, for the "
+                            "convergence figure and the cost to reach error 0.05 (default: %(default)s)")
+    group.add_argument("--refine", choices=("none", "importance", "mh"), default="importance",
+                       help="how the flows refine their draws after training; the table gives the error before and "
+                            "after (default: %(default)s)")
     group.add_argument("--no-cost-ratio", action="store_true",
                        help="skip timing each flow's training iteration against the bare flow (saves about 20 s)")
     return parser
@@ -117,10 +127,12 @@ def method_argv(args, method, folder):
     argv = common_argv(args) + ["--out", str(folder)]
     if args.quiet:
         argv.append("--quiet")
+    argv += ["--checkpoints", str(args.checkpoints)]
     if method == "MCMC":
         return argv + (list(QUICK_MCMC) if args.quick else [])
     iterations = args.iterations or (QUICK_FLOW_ITERATIONS if args.quick else None)
-    return argv + (["--iterations", str(iterations)] if iterations else []) + ["--device", args.device]
+    return (argv + (["--iterations", str(iterations)] if iterations else [])
+            + ["--device", args.device, "--refine", args.refine])
 
 
 def run_method(method, argv, folder):
@@ -316,7 +328,7 @@ def main(argv=None):
         truth = problem.truth
         figures.plot_marginals_grid(out / "marginals.png", [(f"{run['method']}\n{WHAT[run['method']]}", run["theta"], reference)
                                                             for run in done], truth, title=title, error_goal=ERROR_GOAL,
-                                    parameters=problem.parameters)
+                                    parameters=problem.parameters, bounds=problem.bounds)
         figures.plot_cost_accuracy(out / "cost_accuracy.png", [
             {"label": run["method"], "wall_time_s": run["summary"]["wall_time_s"], "error": run["summary"]["error"],
              "kl": run["summary"].get("kl"), "kl_se": run["summary"].get("elbo_se")} for run in done], ERROR_GOAL, KL_GOAL, title=title)
@@ -359,4 +371,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    runner.run(main)

@@ -139,7 +139,8 @@ def _check_dim(dim, parameters, what="theta"):
 def _finite_rows(theta, parameters=forward.SPHERE):
     """The rows of samples ``theta`` (n, dim) that are finite everywhere, and the number of rows given."""
     theta = np.asarray(theta, dtype=float)
-    _check_dim(theta.shape[-1] if theta.ndim else 0, parameters)
+    if theta.size:  # no samples at all is drawn as such; samples of the wrong width are refused
+        _check_dim(theta.shape[-1], parameters)
     theta = theta.reshape(-1, len(parameters))
     return theta[np.all(np.isfinite(theta), axis=1)], theta.shape[0]
 
@@ -395,8 +396,10 @@ def plot_marginals(path, theta, reference=None, truth=None, title="", scores=Non
                 handles.append(handle)
                 labels.append(label)
     figure.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, -0.03))
-    names = (p.description.removesuffix(f" {p.symbol}") for p in parameters)  # "depth of centre z" -> "depth of centre"
+    names = [p.description.removesuffix(f" {p.symbol}") for p in parameters]  # "depth of centre z" -> "depth of centre"
     what = f"posterior marginals of the sphere's {_listing(names)} ({n_total} samples)"
+    if len(what) > 90:  # four unknowns: the panels' titles say what the symbols are
+        what = f"posterior marginals of {_listing(p.symbol for p in parameters)} ({n_total} samples)"
     figure.suptitle(_heading(title, what))
     figure.tight_layout(rect=(0, 0.23 / height, 1, 1))
     output.save_figure(figure, path)
@@ -434,7 +437,7 @@ def _ridge_inset(ax, theta, exact, ridge, radius_on_x, mass_product, centre_dens
     to see without it.
     """
     radius_index, density_index = ridge
-    centre_radius = (mass_product / centre_density) ** (1.0 / 3.0) if centre_density else math.nan
+    centre_radius = float(np.cbrt(mass_product / centre_density)) if centre_density else math.nan
     across = math.nan
     if exact is not None:
         nodes_i, nodes_j, joint = exact
@@ -475,9 +478,10 @@ def _ridge_inset(ax, theta, exact, ridge, radius_on_x, mass_product, centre_dens
     inset.tick_params(labelsize=7)
     _plain_ticks(inset, 3, 3)
     inset.set_title("magnified", fontsize=8, pad=2)
-    corner = (0.04, 0.04, "left", "bottom") if (centre_density > 0) == radius_on_x else (0.96, 0.04, "right", "bottom")
-    inset.text(corner[0], corner[1], f"across the ridge\nR ± {across:.2g} m (1 sd)", transform=inset.transAxes, ha=corner[2],
-               va=corner[3], fontsize=7, bbox=dict(facecolor="white", alpha=0.8, edgecolor="none", pad=1))
+    x_text, align = (0.04, "left") if (centre_density > 0) == radius_on_x else (0.96, "right")  # the empty corner
+    inset.text(x_text, 0.04, f"across the ridge\n{forward.RADIUS.symbol} ± {across:.2g} {forward.RADIUS.unit} (1 sd)",
+               transform=inset.transAxes, ha=align, va="bottom", fontsize=7,
+               bbox=dict(facecolor="white", alpha=0.8, edgecolor="none", pad=1))
     ax.indicate_inset_zoom(inset, edgecolor="0.35")
 
 
@@ -687,8 +691,8 @@ def plot_predictive_check(path, problem, theta, rng, title="", n_draws=2000):
     middle.plot(x, bands.noise_sd, color=TRUTH_COLOUR, lw=1.0, label="± noise sd")
     middle.plot(x, -bands.noise_sd, color=TRUTH_COLOUR, lw=1.0)
     middle.set_ylabel("residual (µGal)")
-    middle.text(0.01, 0.95, f"RMS residual {_microgal(rms)} µGal, noise sd {_microgal(noise_rms)} µGal", transform=middle.transAxes,
-                va="top", fontsize=9, bbox=dict(facecolor="white", alpha=0.8, edgecolor="0.8"))
+    middle.text(0.01, 0.95, f"RMS residual {_microgal(rms)} µGal, noise sd {_microgal(noise_rms)} µGal",
+                transform=middle.transAxes, va="top", fontsize=9, bbox=dict(facecolor="white", alpha=0.8, edgecolor="0.8"))
     middle.legend(loc="upper right", fontsize=9, ncol=2)
     _plain_ticks(middle, 9, 5)
 
@@ -704,9 +708,13 @@ def plot_predictive_check(path, problem, theta, rng, title="", n_draws=2000):
     bottom.set_ylim(-1.3 * half, 1.3 * half)
     bottom.set_ylabel("signal − mean (µGal)")
     predictive_width = float(np.max(bands.predictive_high - bands.predictive_low))
-    bottom.text(0.01, 0.95, f"signal band at most {signal_width:.2g} µGal wide, predictive band {predictive_width:.2g} µGal "
-                f"({predictive_width / signal_width:.0f} × wider)" if signal_width > 0 else "signal band of zero width (one parameter set)",
-                transform=bottom.transAxes, va="top", fontsize=9, bbox=dict(facecolor="white", alpha=0.8, edgecolor="0.8"))
+    if signal_width > 0:
+        widths = (f"signal band at most {signal_width:.2g} µGal wide, predictive band {predictive_width:.2g} µGal "
+                  f"({predictive_width / signal_width:.0f} × wider)")
+    else:
+        widths = "signal band of zero width (every draw the same parameters)"
+    bottom.text(0.01, 0.95, widths, transform=bottom.transAxes, va="top", fontsize=9,
+                bbox=dict(facecolor="white", alpha=0.8, edgecolor="0.8"))
     bottom.legend(loc="upper right", fontsize=9)
     bottom.set_title("how well the data determine the signal (magnified)", fontsize=10)
     bottom.set_xlabel("station position x (m)")
@@ -771,8 +779,8 @@ def plot_trace(path, chains, burn_in=0, title="", parameters=forward.SPHERE):
 def plot_autocorrelation(path, chains, title="", tau=None, parameters=forward.SPHERE):
     """Autocorrelation function of each parameter (averaged over chains), with tau and the ESS.
 
-    ``chains``: the kept steps (n_steps, n_chains, dim), columns in the order of ``parameters``; ``tau``: ``(tau, reliable)`` from
-    :func:`diagnostics.integrated_time` if the caller has it already. Lags are shown up to 5 times
+    ``chains``: the kept steps (n_steps, n_chains, dim), columns in the order of ``parameters``;
+    ``tau``: ``(tau, reliable)`` from :func:`diagnostics.integrated_time` if the caller has it already. Lags are shown up to 5 times
     the largest integrated autocorrelation time (at least 20, at most the chain length).
     """
     chains = diagnostics.as_chains(chains)
@@ -848,7 +856,7 @@ def plot_misfit(path, rms_history, noise_sd, burn_in=0, title="", noise_weighted
         noise_level, unit = 1.0, "σ"
         quantity = "noise-weighted RMS misfit"
         axis_label = "noise-weighted RMS misfit √(mean((r/σ)²))\n(in units of σ)"
-        level_label = "fit to the noise (1 σ at every station)"
+        level_label = "fit to the noise (residuals of one σ at each station)"
         what = "noise-weighted RMS data misfit of the Markov chain (σ per station), against the noise"
     else:
         if noise_weighted:  # one sigma: sqrt(mean((r/σ)²)) σ is the RMS misfit in µGal
@@ -908,7 +916,7 @@ def plot_misfit(path, rms_history, noise_sd, burn_in=0, title="", noise_weighted
 # variational training figure
 
 
-def plot_elbo(path, elbo_history, log_evidence=None, title="", final_kl=None):
+def plot_elbo(path, elbo_history, log_evidence=None, title="", final_kl=None, anneal_end=0):
     """ELBO per training iteration (raw and running mean), and KL(q||p) = log Z - ELBO when log Z is known.
 
     ``elbo_history``: (n_iterations,) Monte Carlo ELBO estimates in nats; ``log_evidence``: the
@@ -917,7 +925,10 @@ def plot_elbo(path, elbo_history, log_evidence=None, title="", final_kl=None):
     lower and are left off scale, as the panel says. The KL panel shows the running mean on a log
     scale clipped at 1e-3 nats (Monte Carlo noise can make the estimate dip below zero).
     ``final_kl``: (kl, n_samples) from the evaluation after training, quoted instead of the
-    (noisier) mean of the last training iterations.
+    (noisier) mean of the last training iterations. ``anneal_end``: the iteration at which an
+    annealed likelihood reached beta = 1; the annealing phase is shaded, and the ELBO axis zooms on
+    the iterations after it. The ELBO drawn is always the untempered one (beta = 1), so the KL
+    curve is the true KL(q||p) of the current q throughout; the final KL is quoted at beta = 1.
     """
     elbo = np.asarray(elbo_history, dtype=float).ravel()
     n = elbo.size
@@ -932,7 +943,12 @@ def plot_elbo(path, elbo_history, log_evidence=None, title="", final_kl=None):
     top.plot(iterations, running, color=SAMPLE_COLOUR, lw=1.8, label=smoothing)
     if log_evidence is not None:
         top.axhline(log_evidence, color=REFERENCE_COLOUR, ls="--", lw=1.2, label=f"exact log evidence, log Z = {log_evidence:.2f}")
-    late = slice(n // 10, None)
+    annealed = 0 < anneal_end < n
+    for ax in axes[:, 0]:
+        if annealed:
+            ax.axvspan(1, anneal_end, color="0.88", zorder=0,
+                       label=f"annealing: loss tempers the likelihood (β < 1) until iteration {anneal_end}" if ax is top else None)
+    late = slice(max(n // 10, anneal_end if annealed else 0), None)
     finite_late = elbo[late][np.isfinite(elbo[late])]
     if finite_late.size:
         low, high = np.quantile(finite_late, [0.005, 0.995])
@@ -942,7 +958,7 @@ def plot_elbo(path, elbo_history, log_evidence=None, title="", final_kl=None):
         low, high = low - 0.08 * span, high + 0.08 * span
         top.set_ylim(low, high)
         if np.nanmin(elbo) < low:
-            top.text(0.99, 0.5, "first iterations below the view", transform=top.transAxes, ha="right", fontsize=9, color="0.3")
+            top.text(0.99, 0.5, "earlier iterations below the view" if annealed else "first iterations below the view", transform=top.transAxes, ha="right", fontsize=9, color="0.3")
     top.set_ylabel("ELBO (nats)")
     top.legend(loc="lower right", fontsize=9)
     top.set_title("evidence lower bound (higher is better; it cannot exceed log Z)" if log_evidence is not None else "evidence lower bound (higher is better)")
@@ -989,8 +1005,9 @@ def plot_marginals_grid(path, rows, truth=None, title="", error_goal=None, param
     ``rows``: a list of ``(label, theta, reference)``, where ``label`` names the run (a method, or
     "iterations = 2000"), ``theta`` is its (n, dim) samples, columns in the order of
     ``parameters``, and ``reference`` its :class:`reference.Reference` (or None). ``bounds``: the
-    (dim, 2) prior box shared by the rows, or None; no axis reaches beyond it. When every row has the same reference object, each
-    column shares one x axis, zoomed to the exact posterior (mean ± ``VIEW_SDS`` sd), so the rows
+    (dim, 2) prior box shared by the rows, or None; no axis reaches beyond it. When every row has
+    the same reference object, each column shares one x axis, zoomed to the exact posterior
+    (mean ± ``VIEW_SDS`` sd, see :func:`_reference_view`), so the rows
     can be compared by eye; otherwise (a sweep over the data, the noise or the prior) each panel
     zooms to its own posterior. Samples outside the view are counted on the panel. Each panel
     states W1/sd against its reference, in red when it exceeds ``error_goal``.
@@ -1125,4 +1142,71 @@ def plot_cost_accuracy(path, runs, error_goal=None, kl_goal=None, title=""):
     figure.suptitle(_heading(title, "cost against accuracy (lower left is better)"))
     rows_of_legend = math.ceil(len(handles) / 4)
     figure.tight_layout(rect=(0, 0.05 + 0.045 * rows_of_legend, 1, 1))
+    output.save_figure(figure, path)
+
+
+def plot_convergence(path, runs, level=None, title=""):
+    """How each method's error falls as it runs: error against seconds and against likelihood evaluations, log–log.
+
+    ``runs``: a list of dicts with ``label`` and ``points``, the checkpoints of :mod:`convergence`
+    (dicts with ``seconds``, ``evaluations``, ``error`` and optionally ``stage``: "training" /
+    "sampling" for the checkpoints along the run, "trained" for a flow's final draws, "refined" for
+    them after refinement). One line per method through its checkpoints; a flow's final and refined
+    results are marked (circle, star). ``level``: the error goal, drawn dashed, with each method's
+    cost to reach it (the first checkpoint after which the error stays below) marked by a vertical tick.
+    """
+    import convergence
+
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    figure, axes = plt.subplots(1, 2, figsize=(14, 5.4), sharey=True)
+    errors, costs = [], {"seconds": [], "evaluations": []}
+    handles = []
+    for k, run in enumerate(runs):
+        colour = cycle[k % len(cycle)]
+        points = [p for p in run["points"] if p.get("error") is not None and math.isfinite(p["error"]) and p["seconds"] > 0]
+        if not points:
+            continue
+        handles.append(Line2D([], [], color=colour, lw=1.8, marker="o", ms=4, label=run["label"]))
+        along = [p for p in points if p.get("stage") not in ("trained", "refined")]
+        reached = convergence.cost_to_reach(points, level) if level is not None else (None, None)
+        for ax, key, cost in ((axes[0], "seconds", reached[0]), (axes[1], "evaluations", reached[1])):
+            ax.plot([p[key] for p in along], [p["error"] for p in along], color=colour, lw=1.6, marker="o", ms=3.5)
+            for stage, marker, size in (("trained", "o", 8), ("refined", "*", 13)):
+                final = [p for p in points if p.get("stage") == stage]
+                if final:
+                    ax.plot([final[-1][key]], [final[-1]["error"]], marker=marker, ms=size, color=colour, mec="black",
+                            mew=0.7, ls="none")
+            if cost is not None:
+                ax.axvline(cost, color=colour, lw=1.0, ls=":", alpha=0.9)
+            costs[key] += [p[key] for p in points]
+        errors += [p["error"] for p in points]
+    if not errors:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no checkpoints recorded (run with --checkpoints N)", transform=ax.transAxes,
+                    ha="center", color="0.4")
+    else:
+        shown = errors + ([level] if level is not None else [])
+        for ax, key in ((axes[0], "seconds"), (axes[1], "evaluations")):
+            _plain_log_axis(ax, costs[key], axis="x")
+            ax.set_xlim(min(costs[key]) / 1.5, max(costs[key]) * 1.5)
+            if level is not None:
+                ax.axhline(level, color=TRUTH_COLOUR, ls="--", lw=1.2)
+            ax.grid(True, which="both", color="0.9", lw=0.6)
+        _plain_log_axis(axes[0], shown)
+        axes[0].set_ylim(max(min(shown) / 1.5, 1e-3), max(shown) * 1.5)
+    axes[0].set_xlabel("seconds of the method's own work (training or sampling; scoring not counted)")
+    axes[1].set_xlabel("likelihood evaluations (one per parameter set; independent of the machine)")
+    axes[0].set_ylabel("error: largest W1 / posterior sd (log scale)")
+    axes[0].set_title("error against wall-clock time")
+    axes[1].set_title("error against likelihood evaluations")
+    extra = [Line2D([], [], marker="o", ms=7, ls="none", color="0.6", mec="black", label="flow: final draws"),
+             Line2D([], [], marker="*", ms=11, ls="none", color="0.6", mec="black", label="flow: refined draws")]
+    if level is not None:
+        extra += [Line2D([], [], color=TRUTH_COLOUR, ls="--", label=f"goal: error {level:g}"),
+                  Line2D([], [], color="0.4", ls=":", label="cost to stay below the goal")]
+    handles += extra
+    ncol = min(len(handles), 5)
+    figure.legend(handles=handles, loc="lower center", ncol=ncol, frameon=False, fontsize=9)
+    figure.suptitle(_heading(title, "accuracy against cost as each method runs (lower left is better)"))
+    figure.tight_layout(rect=(0, 0.05 + 0.045 * math.ceil(len(handles) / ncol), 1, 1))
     output.save_figure(figure, path)

@@ -17,6 +17,14 @@ only through the excess mass M = (4/3) pi drho R**3, so with a free density the 
 (R, drho) is a thin curved ridge along which only the prior box decides. The posterior is a
 Gaussian likelihood times a uniform prior on a box; flows work on unconstrained ``u`` in R^dim,
 mapped onto the box by :class:`BoxBijection`.
+
+Weakly informative data (an anomaly buried in noise, or a box of spheres too small or too deep to
+be seen) have a perfectly good posterior: close to the prior, with only the spheres whose anomaly
+would stand out of the noise ruled out. :func:`laplace_approximation` flags them (``Laplace.weak``)
+instead of refusing them, and :func:`weak_data_warning` says so in one line. What is refused is what
+no posterior can repair: a best fit on the box's bound that still misses the data by many times the
+noise, or data that look uninformative only because the stated noise dwarfs their scatter (both
+typically wrong units).
 """
 
 import csv
@@ -26,7 +34,7 @@ from functools import cached_property
 
 import numpy as np
 import torch
-from scipy import optimize
+from scipy import optimize, stats
 from scipy.special import expit
 
 G = 6.674e-11  # m^3 kg^-1 s^-2
@@ -422,17 +430,41 @@ def _hessian(gradient, point, relative_step=1e-5):
     return 0.5 * (hessian + hessian.T)
 
 
+#: The u-space Laplace of the uniform prior alone is N(0, 2) in each coordinate (the box's log-Jacobian
+#: has curvature -1/2 at u = 0); mapped onto the box by the delta method its sd is sqrt(2)/4 = 0.354 of
+#: the prior range, against range / sqrt(12) = 0.289 for the uniform distribution itself.
+PRIOR_SD_FRACTION = math.sqrt(2.0) / 4.0
+#: The data barely constrain a geometric parameter (x0, z, and R with the density known) where its sd
+#: in the u-space Laplace mapped onto the box reaches this fraction of its prior range: 0.42 of what the
+#: prior alone gives (flat posteriors: 0.3-0.37; the default problem: 0.002-0.004).
+WEAK_SD_FRACTION = 0.15
+#: Noise-weighted residuals whose RMS differs from 1 by more than this factor (either way) cannot come
+#: from the stated noise: they mark wrong units or a wrong noise level (see :func:`laplace_approximation`).
+MISFIT_FACTOR = 5.0
+#: ... provided the chi-square distribution says so beyond doubt (its lower tail, with few stations).
+MISFIT_P_VALUE = 1e-6
+
+
 @dataclass(frozen=True)
 class Laplace:
     """The Laplace approximation: the MAP and the inverse Hessian, in parameter space and in u-space.
 
     ``u_map``/``u_cov``: mode and covariance of the posterior density of u (Jacobian included),
-    which the flows standardise by. ``theta_map``/``theta_cov``: with the density known, mode and
-    covariance of the posterior of theta (the box prior is flat); with the density free the
-    θ-space Hessian is singular along the mass ridge, so they are the u-space Laplace mapped onto
-    the box (``theta_map = box(u_map)``, covariance by the delta method). ``on_bound`` names
-    parameters whose best fit sits on a prior bound (R and Δρ are exempt when the density is free:
-    the ridge's ends lie on bounds by nature).
+    which the flows standardise by; the box's Jacobian makes this density peaked for any data.
+    ``theta_map``/``theta_cov``: where ``theta_peak``, the mode and inverse Hessian of the posterior
+    of theta at the best fit (the box prior is flat). Otherwise the u-space Laplace mapped onto the
+    box (``theta_map = box(u_map)``, covariance by the delta method): with the density free (the
+    θ-space Hessian is singular along the mass ridge), with weak data (a θ-space Gaussian of
+    sd larger than the box describes nothing), and where the θ-space Hessian at the best fit is not
+    negative definite (a best fit pressed against a bound, or no peak at all).
+
+    ``sd_fraction``: {name: sd of the u-space Laplace mapped onto the box / prior range} for every
+    parameter. ``weak``: the data barely constrain the body, i.e. ``barely_constrained`` (the
+    geometric parameters whose ``sd_fraction`` reaches :data:`WEAK_SD_FRACTION`) is not empty; the
+    posterior is then close to the prior, the exact reference must cover the whole box and methods
+    start from the prior. ``on_bound`` names parameters whose best fit sits on a prior bound (R and
+    Δρ are exempt when the density is free: the ridge's ends lie on bounds by nature; so are the
+    barely constrained parameters: where the data hardly see the body its best fit means nothing).
     """
 
     theta_map: np.ndarray
@@ -440,10 +472,26 @@ class Laplace:
     u_map: np.ndarray
     u_cov: np.ndarray
     on_bound: tuple
+    theta_peak: bool = True
+    weak: bool = False
+    barely_constrained: tuple = ()
+    sd_fraction: dict = field(default_factory=dict)
 
     @property
     def theta_sd(self):
         return np.sqrt(np.diag(self.theta_cov))
+
+
+def weak_data_warning(laplace):
+    """The one-line warning for data that barely constrain the body (``laplace.weak``); None otherwise."""
+    if not laplace.weak:
+        return None
+    names = laplace.barely_constrained
+    percents = ", ".join(f"{100 * laplace.sd_fraction[name]:.0f} %" for name in names)
+    return (f"warning: the data barely constrain the body: the Laplace sd of {', '.join(names)} is {percents} of "
+            f"{'its prior range' if len(names) == 1 else 'their prior ranges'}, against "
+            f"{100 * PRIOR_SD_FRACTION:.0f} % with no data at all; the posterior stays close to the prior there "
+            "(less noise, or more stations over the anomaly, would tell more)")
 
 
 def _minimise(problem, starts_u, with_jacobian):
@@ -459,55 +507,120 @@ def _minimise(problem, starts_u, with_jacobian):
     return best.x
 
 
-def _covariance(negative_hessian, problem, theta_map, space):
-    """Inverse of a Hessian that must be positive definite at a mode; DataError where it is not."""
+def _describe(problem, theta):
+    """``x0 = 3 m, z = 6 m, ...`` for one parameter set."""
+    return ", ".join(f"{p.name} = {value:.4g} {p.unit}" for p, value in zip(problem.parameters, theta))
+
+
+def _inverse_if_peaked(negative_hessian):
+    """The inverse of a positive definite matrix, or None where it is not positive definite."""
     try:
         np.linalg.cholesky(negative_hessian)
     except np.linalg.LinAlgError:
-        where = ", ".join(f"{p.name} = {value:.4g} {p.unit}" for p, value in zip(problem.parameters, theta_map))
-        raise DataError(
-            f"the data do not determine the sphere: the posterior has no peak at its best fit ({where}) — it is flat "
-            f"or curved the wrong way in some direction of {space}. Check that the profile shows an anomaly, its "
-            "units (x in m, g in µGal) and --density, and widen --bounds if the best fit sits on one"
-        ) from None
+        return None
     return np.linalg.inv(negative_hessian)
+
+
+def _covariance(negative_hessian, problem, theta_map, space):
+    """Inverse of a Hessian that must be positive definite at a mode; DataError where it is not."""
+    covariance = _inverse_if_peaked(negative_hessian)
+    if covariance is None:
+        raise DataError(f"the posterior has no peak at its best fit ({_describe(problem, theta_map)}), not even in "
+                        f"{space}: check the profile, its units (x in m, g in µGal), --noise and --density")
+    return covariance
+
+
+def _noise_ratio(problem, theta):
+    """(chi2, RMS of the noise-weighted residuals per degree of freedom, degrees of freedom) at theta."""
+    chi2 = float(-2.0 * problem.misfit(theta))
+    dof = max(problem.n_stations - problem.dim, 1)
+    return chi2, math.sqrt(chi2 / dof), dof
+
+
+def _refuse_unexplained(problem, best_fit, pinned):
+    """DataError where the best fit sits on a bound (``pinned``: names) and still misses the data by more
+    than MISFIT_FACTOR times the noise: no sphere in the box explains them, typically units (a profile
+    in mGal with its noise in mGal, or in nGal, read as µGal). A best fit on a bound that explains the
+    data passes: the box is too tight, which the ``on_bound`` warning says."""
+    _, rms, _ = _noise_ratio(problem, best_fit)
+    if pinned and rms > MISFIT_FACTOR:
+        raise DataError(
+            f"no sphere in the prior box explains the data: the best fit ({_describe(problem, best_fit)}) sits on the "
+            f"bound of {', '.join(pinned)} and still misses the data by {rms:.3g} times the noise (RMS of the "
+            "noise-weighted residuals). Check the units (x in m, g in µGal), --noise or the sigma column and "
+            "--density, or widen --bounds")
+
+
+def _refuse_overstated_noise(problem, best_fit):
+    """DataError for weak data that scatter about the best fit by less than 1/MISFIT_FACTOR of the stated
+    noise beyond doubt (chi-square lower tail below MISFIT_P_VALUE): they look uninformative only because
+    the stated noise dwarfs them, typically a profile in mGal read as µGal with a noise in µGal. Weak data
+    that scatter as the noise says pass: their posterior is close to the prior, as it should be."""
+    chi2, rms, dof = _noise_ratio(problem, best_fit)
+    if rms < 1.0 / MISFIT_FACTOR and stats.chi2.cdf(chi2, dof) < MISFIT_P_VALUE:
+        raise DataError(
+            f"the data scatter about the best fit by only {rms:.2g} times the stated noise: they would look "
+            "uninformative only because of that noise. Check the units (g in µGal, not mGal) and --noise or the "
+            "sigma column")
 
 
 def laplace_approximation(problem, n_starts=8, seed=0):
     """MAP by BFGS from the box centre and a few seeded starts, then inverse Hessians.
 
     The search runs in u-space, so every iterate lies inside the box. A best fit within 1e-3 of the
-    box width of a bound is reported in ``on_bound`` (the prior box is then too tight). Data with
-    no peaked posterior (a Hessian that is not negative definite at the mode) raise DataError.
-    With a free density the best fit is any point of the mass ridge; the mode and covariance are
-    then those of u, whose density the box's Jacobian makes peaked (see :class:`Laplace`).
+    box width of a bound is reported in ``on_bound`` (the prior box is then too tight). The posterior
+    of u (Jacobian included) is peaked for any data, so its Laplace always exists; mapped onto the box
+    by the delta method it also says how much the data constrain each parameter (``weak``, see
+    :class:`Laplace`). With the density known and the data not weak, theta's own Laplace at the best
+    fit is kept where its Hessian is negative definite. Data that no posterior can make sense of raise
+    DataError: a best fit on a bound that misses the data by many times the noise, and weak data that
+    scatter far less than the stated noise (see :data:`MISFIT_FACTOR`).
     """
     rng = np.random.default_rng(seed)
     starts = [np.zeros(problem.dim)] + [rng.uniform(-2.0, 2.0, size=problem.dim) for _ in range(n_starts - 1)]
     u_best_fit = _minimise(problem, starts, with_jacobian=False)
     best_fit, _ = to_box(problem, u_best_fit)
+    width = problem.bounds[:, 1] - problem.bounds[:, 0]
+    near = np.minimum(best_fit - problem.bounds[:, 0], problem.bounds[:, 1] - best_fit) < 1e-3 * width
+    # with the density free the ridge's ends lie on the bounds of R and drho by nature
+    checked = [not (problem.free_density and p in (RADIUS, DENSITY)) for p in problem.parameters]
+    _refuse_unexplained(problem, best_fit, [p.name for p, flag, check in zip(problem.parameters, near, checked)
+                                            if flag and check])
 
     u_map = _minimise(problem, [u_best_fit], with_jacobian=True)
     u_cov = _covariance(-_hessian(lambda u: _log_posterior_u_and_gradient(problem, u, True)[1], u_map),
                         problem, best_fit, "the unconstrained coordinates")
-    if problem.free_density:
-        theta_map, dtheta_du = to_box(problem, u_map)
-        theta_cov = u_cov * np.outer(dtheta_du, dtheta_du)
-        checked = [p not in (RADIUS, DENSITY) for p in problem.parameters]
-    else:
+    u_theta_map, dtheta_du = to_box(problem, u_map)
+    u_theta_cov = u_cov * np.outer(dtheta_du, dtheta_du)
+
+    sd_fraction = np.sqrt(np.diag(u_theta_cov)) / width
+    # the geometry the data must see; with the density free R is a ridge coordinate that only the box decides
+    geometric = [p in (X0, DEPTH) or (p is RADIUS and not problem.free_density) for p in problem.parameters]
+    barely = tuple(p.name for p, fraction, check in zip(problem.parameters, sd_fraction, geometric)
+                   if check and fraction >= WEAK_SD_FRACTION)
+    weak = bool(barely)
+    if weak:
+        _refuse_overstated_noise(problem, best_fit)
+
+    theta_cov = None
+    if not problem.free_density and not weak:
         def theta_gradient(theta):
             return _misfit_and_gradient(problem, np.clip(theta, problem.bounds[:, 0], problem.bounds[:, 1]))[1]
 
-        theta_map = best_fit
-        theta_cov = _covariance(-_hessian(theta_gradient, theta_map), problem, theta_map, "(x0, z, R)")
-        checked = [True] * problem.dim
-
-    width = problem.bounds[:, 1] - problem.bounds[:, 0]
-    near = np.minimum(best_fit - problem.bounds[:, 0], problem.bounds[:, 1] - best_fit) < 1e-3 * width
+        theta_cov = _inverse_if_peaked(-_hessian(theta_gradient, best_fit))
+    theta_peak = theta_cov is not None
+    if not theta_peak:
+        theta_cov = u_theta_cov
     return Laplace(
-        theta_map=theta_map,
+        theta_map=best_fit if theta_peak else u_theta_map,
         theta_cov=theta_cov,
         u_map=u_map,
         u_cov=u_cov,
-        on_bound=tuple(p.name for p, flag, check in zip(problem.parameters, near, checked) if flag and check),
+        # where the data hardly see a parameter its best fit means nothing, on a bound or not
+        on_bound=tuple(p.name for p, flag, check in zip(problem.parameters, near, checked)
+                       if flag and check and p.name not in barely),
+        theta_peak=theta_peak,
+        weak=weak,
+        barely_constrained=barely,
+        sd_fraction={p.name: float(f) for p, f in zip(problem.parameters, sd_fraction)},
     )

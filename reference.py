@@ -4,7 +4,11 @@ Density known, ``theta = (x0, z, R)``
 -------------------------------------
 The posterior ``p(theta | d) ∝ L(theta) p(theta)`` is integrated directly on a grid around its mode:
 the window spans ``±WINDOW_SDS`` Laplace standard deviations per axis (clipped to the prior box),
-with trapezoid weights. The anomaly factorises as ``g = R**3 * h(x0, z)``, so for every (x0, z) node
+with trapezoid weights. Where the data barely constrain the body (``Laplace.weak``: the posterior is
+close to the prior, with an edge where the spheres whose anomaly would stand out of the noise are ruled
+out), or where theta's Laplace is no peak (a best fit pressed against a bound), no Laplace window can be
+trusted: the grid then covers the whole prior box, and zooms in on where that grid finds probability
+until the window no longer shrinks (``SUPPORT_TAIL``, ``ZOOM_BELOW``). The anomaly factorises as ``g = R**3 * h(x0, z)``, so for every (x0, z) node
 the weighted sum of squares over all R is
 
     sum w (d - R^3 h)^2 = sum w d^2 - 2 R^3 (sum w d h) + R^6 (sum w h^2),
@@ -23,7 +27,9 @@ dR/dm = m**(-2/3) drho**(-1/3) / 3, and integrate drho out over the part of the 
     k(m) = ∫_a^b drho^(-1/3) d(drho) / (3 m^(2/3)) = ½ m^(-2/3) (b^(2/3) - a^(2/3)),
     a(m) = max(drho_lo, m / R_hi^3),  b(m) = min(drho_hi, m / R_lo^3),
 
-with k = 0 where b <= a (m outside [drho_lo R_lo^3, drho_hi R_hi^3]). For a negative contrast
+with k = 0 where b <= a (m outside [drho_lo R_lo^3, drho_hi R_hi^3]). With weak data the m axis spans
+that whole range, with nodes uniform in m^(1/3) (k(m) dm is then smooth and bounded per node, where on
+a uniform m grid the prior's m^(-2/3) would crowd a tenth of its mass into the first cell). For a negative contrast
 (both density bounds negative) m < 0 and every one of these formulas holds for |m|, |drho| and the
 box of |drho|. Trapezoid weights times L k on the (x0, z, m) grid give log Z (V, the Gaussian
 constant and all four parameters included) and the posterior of x0, z and m. On the ridge the
@@ -72,6 +78,13 @@ import forward
 
 WINDOW_SDS = 8.0
 GRID_POINTS = 121
+#: Weak data, or a best fit where theta's Laplace is no peak: the Laplace says little about where the
+#: posterior lies, so the first grid covers the whole prior box, and each further one zooms in on the part
+#: of the previous window that holds all but SUPPORT_TAIL of the probability on each side of each axis
+#: (and one node more), while some axis's support is below ZOOM_BELOW of its window, MAX_ZOOMS times at most.
+SUPPORT_TAIL = 1e-9
+ZOOM_BELOW = 0.75
+MAX_ZOOMS = 4
 #: Nodes of the 1-D marginals of R and drho: uniform over their range, plus as many again across
 #: each end of the ridge, where the marginal falls to zero over a few posterior sd of the mass.
 RIDGE_MARGINAL_POINTS = 601
@@ -170,7 +183,8 @@ class Reference(ExactReference):
 
 
 def _sample_cells(cell_mass, nodes, n, rng):
-    """n points: a grid cell by its probability mass, then uniformly within ±half a spacing (clipped)."""
+    """n points: a grid cell by its probability mass, then uniformly within it: ±half a spacing (clipped)
+    on a uniform axis, between the midpoints to the neighbouring nodes on any other."""
     mass = cell_mass.ravel()
     cells = rng.choice(mass.size, size=n, p=mass / mass.sum())
     index = np.unravel_index(cells, cell_mass.shape)
@@ -178,7 +192,14 @@ def _sample_cells(cell_mass, nodes, n, rng):
     for axis in range(len(nodes)):
         axis_nodes = nodes[axis]
         spacing = axis_nodes[1] - axis_nodes[0]
-        value = axis_nodes[index[axis]] + rng.uniform(-0.5, 0.5, size=n) * spacing
+        offset = rng.uniform(-0.5, 0.5, size=n)
+        if np.allclose(np.diff(axis_nodes), spacing, rtol=1e-9, atol=0):
+            value = axis_nodes[index[axis]] + offset * spacing
+        else:
+            midpoints = 0.5 * (axis_nodes[1:] + axis_nodes[:-1])
+            left = np.concatenate([axis_nodes[:1], midpoints])[index[axis]]
+            right = np.concatenate([midpoints, axis_nodes[-1:]])[index[axis]]
+            value = left + (offset + 0.5) * (right - left)
         columns.append(np.clip(value, axis_nodes[0], axis_nodes[-1]))
     return np.stack(columns, axis=1)
 
@@ -481,14 +502,53 @@ def compute_reference(problem, laplace=None, grid_points=GRID_POINTS, window_sds
     """The exact posterior of ``problem`` on a ``grid_points``³ grid around the Laplace mode.
 
     With the density known a grid over theta = (x0, z, R) (:class:`Reference`); with the density a
-    fourth unknown a grid over (x0, z, m = drho R^3) (:class:`RidgeReference`).
+    fourth unknown a grid over (x0, z, m = drho R^3) (:class:`RidgeReference`). The window is
+    ``±window_sds`` Laplace sd, or, where the data are weak or theta's Laplace is no peak
+    (``laplace.theta_peak`` false), the whole prior box and then the part of it where the posterior lies.
     """
     if laplace is None:
         laplace = forward.laplace_approximation(problem)
     if problem.free_density:
         return compute_ridge_reference(problem, laplace, grid_points, window_sds)
+    if not laplace.theta_peak:
+        return _zoom_to_support(lambda low, high: _theta_grid_reference(problem, low, high, grid_points),
+                                problem.bounds[:, 0], problem.bounds[:, 1])
     low = np.maximum(laplace.theta_map - window_sds * laplace.theta_sd, problem.bounds[:, 0])
     high = np.minimum(laplace.theta_map + window_sds * laplace.theta_sd, problem.bounds[:, 1])
+    return _theta_grid_reference(problem, low, high, grid_points)
+
+
+def _support(result):
+    """Per axis of a reference's grid, the (low, high) nodes that hold all but SUPPORT_TAIL of the
+    probability on each side, widened by one node (each node's mass spans half a cell either way)."""
+    mass = result.cell_mass
+    low, high = [], []
+    for axis, nodes in enumerate(result.nodes):
+        cumulative = np.cumsum(mass.sum(axis=tuple(a for a in range(mass.ndim) if a != axis)))
+        cumulative /= cumulative[-1]
+        first = max(int(np.searchsorted(cumulative, SUPPORT_TAIL, side="right")) - 1, 0)
+        last = min(int(np.searchsorted(cumulative, 1.0 - SUPPORT_TAIL, side="left")) + 1, nodes.size - 1)
+        low.append(nodes[first])
+        high.append(nodes[last])
+    return np.array(low), np.array(high)
+
+
+def _zoom_to_support(grid_reference, low, high):
+    """``grid_reference(low, high)`` on the window (low, high), then on its support (:func:`_support`)
+    for as long as that is below ZOOM_BELOW of the window on some axis (MAX_ZOOMS times at most)."""
+    low, high = np.array(low, dtype=float), np.array(high, dtype=float)
+    result = grid_reference(low, high)
+    for _ in range(MAX_ZOOMS):
+        support_low, support_high = _support(result)
+        if np.all(support_high - support_low >= ZOOM_BELOW * (high - low)):
+            break
+        low, high = support_low, support_high
+        result = grid_reference(low, high)
+    return result
+
+
+def _theta_grid_reference(problem, low, high, grid_points):
+    """The :class:`Reference` on a ``grid_points``³ grid over the window (low, high) of theta = (x0, z, R)."""
     nodes = [np.linspace(lo, hi, grid_points) for lo, hi in zip(low, high)]
     weights = [_trapezoid_weights(n) for n in nodes]
 
@@ -567,24 +627,40 @@ def compute_ridge_reference(problem, laplace=None, grid_points=GRID_POINTS, wind
 
     The window is ``±window_sds`` Gauss–Newton sd of (x0, z, m) around their best fit (started from
     the Laplace mode, ``laplace.theta_map``), clipped to the box in x0 and z and to the masses the
-    box allows, [drho_lo R_lo^3, drho_hi R_hi^3] (in magnitude).
+    box allows, [drho_lo R_lo^3, drho_hi R_hi^3] (in magnitude). With weak data (``laplace.weak``) it is
+    that whole range and the whole box, with m nodes uniform in m^(1/3), and then the part of it where
+    the posterior lies (:func:`_zoom_to_support`).
     """
     if laplace is None:
         laplace = forward.laplace_approximation(problem)
     box = RidgeBox.of(problem)
-    start = laplace.theta_map
-    mode, covariance = mass_laplace(problem, [start[0], start[1], start[3] * start[2] ** 3])
-    sd = np.sqrt(np.diag(covariance))
     mass_low, mass_high = box.mass_range
     if box.sign < 0:
         mass_low, mass_high = -mass_high, -mass_low
+    if laplace.weak:
+        def grid_reference(low, high):
+            return _ridge_grid_reference(problem, box, low, high, grid_points, cube_root_mass=True)
+
+        return _zoom_to_support(grid_reference, [*problem.bounds[:2, 0], mass_low], [*problem.bounds[:2, 1], mass_high])
+    start = laplace.theta_map
+    mode, covariance = mass_laplace(problem, [start[0], start[1], start[3] * start[2] ** 3])
+    sd = np.sqrt(np.diag(covariance))
     low = np.maximum(mode - window_sds * sd, [*problem.bounds[:2, 0], mass_low])
     high = np.minimum(mode + window_sds * sd, [*problem.bounds[:2, 1], mass_high])
     if np.any(low >= high):
         raise forward.DataError(
             f"the best-fitting excess mass drho R^3 = {mode[2]:.4g} kg lies outside what the prior box allows "
             f"([{mass_low:.4g}, {mass_high:.4g}]); widen --bounds for R or --density-bounds")
+    return _ridge_grid_reference(problem, box, low, high, grid_points)
+
+
+def _ridge_grid_reference(problem, box, low, high, grid_points, cube_root_mass=False):
+    """The :class:`RidgeReference` on a ``grid_points``³ grid over the window (low, high) of (x0, z, m);
+    with ``cube_root_mass`` the m nodes are uniform in m^(1/3) (signed) instead of in m."""
     nodes = [np.linspace(lo, hi, grid_points) for lo, hi in zip(low, high)]
+    if cube_root_mass:
+        nodes[2] = np.linspace(np.cbrt(low[2]), np.cbrt(high[2]), grid_points) ** 3
+        nodes[2][[0, -1]] = low[2], high[2]  # exactly the window's ends, whatever the rounding of cube and root
     weights = [_trapezoid_weights(n) for n in nodes]
 
     w, d = problem.weights, problem.g_obs

@@ -78,7 +78,7 @@ def write_results(out, args, problem, reference, theta, method_results, wall_tim
     )
     rng = np.random.default_rng(args.seed)
     figures.plot_marginals(out / "marginals.png", theta, reference, problem.truth, title=title, scores=scores["w1_over_sd"],
-                           parameters=problem.parameters)
+                           parameters=problem.parameters, bounds=problem.bounds)
     figures.plot_pairs(out / "pairs.png", theta, reference, problem.truth, title=title, parameters=problem.parameters,
                        bounds=problem.bounds)
     figures.plot_predictive_check(out / "predictive_check.png", problem, theta, rng, title=title)

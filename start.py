@@ -14,6 +14,10 @@ and the Pareto k-hat of PSIS (Vehtari et al. 2024) and the normalised ESS of the
 (``diagnostics``). k-hat <= ``KHAT_LIMIT`` and ESS >= ``ESS_LIMIT``: the Gaussian describes the
 posterior, start there; otherwise start from the prior (and anneal the likelihood, see ``vi``).
 The judgement costs ``N_DRAWS`` likelihood evaluations (0.1 s on the default problem).
+
+Where the data barely constrain the body (``Laplace.weak``) the posterior is close to the prior, which
+is then the natural start, whatever the Laplace Gaussian's diagnostics say: ``auto`` starts from the
+prior without judging (no likelihood evaluations).
 """
 
 from dataclasses import dataclass
@@ -66,6 +70,9 @@ def choose_start(init, problem, laplace):
     """The :class:`Start` for ``--init`` (``auto``, ``laplace`` or ``prior``)."""
     if init != "auto":
         return Start(init, f"--init {init}")
+    if laplace.weak:
+        return Start("prior", f"the data barely constrain the body ({', '.join(laplace.barely_constrained)}): "
+                              "the posterior is close to the prior, so start there")
     _, log_weights = laplace_log_weights(problem, laplace)
     khat = float(diagnostics.psis_khat(log_weights))
     ess = float(diagnostics.importance_ess(log_weights))

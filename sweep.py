@@ -1,6 +1,6 @@
 """``--sweep NAME=V1,V2,...``: repeat a run over the values of one option, then tabulate and plot the runs.
 
-Any script (and ``compare.py``) accepts ``--sweep``; :func:`cli.run` hands such a command line to
+Any script (and ``compare.py``) accepts ``--sweep``; :func:`runner.run` hands such a command line to
 :func:`run_sweep`, which runs the script's ``main`` once per value,
 
     main(ARGV --NAME Vk --out OUT/sweep-NAME/NAME-Vk)
@@ -13,7 +13,8 @@ and then writes into ``OUT/sweep-NAME/``:
 * ``marginals.png`` — small multiples, one row per run, samples over the exact posterior.
 
 Every value is checked against the script's own option (type, choices, conflicts) before the first
-run starts, so a typo costs nothing. A bad NAME, an empty or repeated value is a
+run starts, so a typo costs nothing; the option is looked up by name in the record that
+:class:`cli.Parser` keeps of its options (:meth:`cli.Parser.option`). A bad NAME, an empty or repeated value is a
 :class:`forward.DataError` (one line, exit status 2).
 
 This module also holds the run tables that ``compare.py`` writes (:func:`summary_row`,
@@ -33,6 +34,7 @@ import numpy as np
 
 import cli
 import figures
+import output
 import reference as reference_module
 from forward import DataError
 
@@ -46,7 +48,10 @@ def script_parser(main):
     Every script (and ``compare.py``) builds its options in ``build_parser()``, so a sweep knows
     the script's options and defaults from the script itself, without running it.
     """
-    return sys.modules[main.__module__].build_parser()
+    parser = sys.modules[main.__module__].build_parser()
+    if not isinstance(parser, cli.Parser):  # a sweep looks options up in cli.Parser's record of them
+        raise TypeError(f"{main.__module__}.build_parser() must return a cli.Parser, not {type(parser).__name__}")
+    return parser
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,9 +111,10 @@ def markdown_table(columns, rows):
 
 
 def write_tables(folder, columns, rows, heading, notes=""):
-    """Write ``table.csv`` (raw numbers) and ``table.md`` (heading, table, notes) into ``folder``; return the markdown."""
-    import output
+    """Write ``table.csv`` (raw numbers) and ``table.md`` (heading, table, notes) into ``folder``; return the markdown.
 
+    ``table.md`` is written last: its arrival completes the folder's result (output.COMPLETING_FILES).
+    """
     folder = Path(folder)
     with output.atomic_path(folder / "table.csv") as temporary:
         with open(temporary, "w", newline="") as handle:
@@ -194,14 +200,17 @@ def split_sweep(argv):
 
 def _sweepable_options(parser):
     return sorted(
-        option for action in parser._actions for option in action.option_strings
+        option for action in parser.actions() for option in action.option_strings
         if option.startswith("--") and action.nargs is None and action.dest not in ("out", "sweep", "help")
     )
 
 
 def check_values(parser, name, values):
-    """Each value converted and checked by the script's own option; DataError naming the bad one."""
-    action = parser._option_string_actions.get(f"--{name}")
+    """Each value converted and checked by the script's own option; DataError naming the bad one.
+
+    ``parser`` is a :class:`cli.Parser`: the option is looked up in its record of the options it was given.
+    """
+    action = parser.option(f"--{name}")
     if action is None or action.dest in ("out", "sweep", "help"):
         raise DataError(f"--sweep: {parser.prog} has no option --{name} to sweep over; options that can be swept: "
                         + ", ".join(option[2:] for option in _sweepable_options(parser)))
@@ -288,11 +297,11 @@ def run_sweep(main, argv):
     notes.insert(0, "command: `python " + " ".join(shlex.quote(arg) for arg in [prog, *argv]) + "`\n")
     notes.append("error: the largest W1 distance between a run's samples and the exact marginal, in posterior sd. "
                  "Each run's own files are in its folder " + ", ".join(f"`{_folder_name(name, v)}/`" for v in values) + ".")
-    text = write_tables(folder, columns, table_rows, heading, "\n".join(notes))
     if figure_rows:
         truth = problem_of_run[0][0].truth
         figures.plot_marginals_grid(folder / "marginals.png", figure_rows, truth, title=heading,
                                     parameters=problem_of_run[0][0].parameters)
+    text = write_tables(folder, columns, table_rows, heading, "\n".join(notes))  # last: it completes the sweep's result
     print(text)
     print(f"wrote {folder}/", file=sys.stderr)
     failed = [status for status, _ in statuses if status]

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 import cli
+import convergence
 import diagnostics
 import figures
 import forward
@@ -260,12 +261,12 @@ def _by_start(value):
 def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=False):
     """The common options plus the flow options, with this method's defaults (``hidden=None``: no conditioner).
 
-    ``iterations`` and ``lr`` are numbers or ``{"laplace": .., "prior": ..}``: the default then depends
-    on the start that ``--init`` (or ``auto``) chooses; :func:`resolve_defaults` fills them in.
+    ``iterations``, ``flows`` and ``lr`` are numbers or ``{"laplace": .., "prior": ..}``: the default
+    then depends on the start that ``--init`` (or ``auto``) chooses; :func:`resolve_defaults` fills them in.
     """
     parser = cli.common_parser(doc, method, default_samples=10_000)
-    iterations, lr = _by_start(iterations), _by_start(lr)
-    parser.set_defaults(default_iterations=iterations, default_lr=lr)
+    iterations, flows, lr = _by_start(iterations), _by_start(flows), _by_start(lr)
+    parser.set_defaults(default_iterations=iterations, default_flows=flows, default_lr=lr)
 
     def by_start(values):
         if values["laplace"] == values["prior"]:
@@ -273,7 +274,7 @@ def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=Fal
         return f"{values['laplace']} from the Laplace start, {values['prior']} from the prior"
 
     group = parser.add_argument_group("flow and training")
-    group.add_argument("--flows", type=cli.positive_int, default=flows, help="number of flow layers (default: %(default)s)")
+    group.add_argument("--flows", type=cli.positive_int, help=f"number of flow layers (default: {by_start(flows)})")
     if hidden is not None:
         group.add_argument("--hidden", type=cli.positive_int, default=hidden, help="hidden units per conditioner layer (default: %(default)s)")
     group.add_argument("--iterations", type=cli.positive_int, help=f"training iterations (default: {by_start(iterations)})")
@@ -291,6 +292,10 @@ def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=Fal
         group.add_argument("--bins", type=cli.positive_int, default=splines.DEFAULT_BINS, help="spline bins K (default: %(default)s)")
         group.add_argument("--tail-bound", type=cli.positive_float, default=splines.DEFAULT_TAIL_BOUND, metavar="B",
                            help="the spline acts on [-B, B], identity outside (default: %(default)s)")
+    group.add_argument("--checkpoints", type=cli.nonnegative_int, default=0, metavar="N",
+                       help="score the flow against the exact reference at N iterations spaced geometrically "
+                            f"({convergence.CHECKPOINT_SAMPLES} draws each; not counted in the training time), for "
+                            "summary.json's 'convergence' and compare.py's convergence figure (default: %(default)s)")
     group.add_argument("--refine", choices=refine.METHODS, default="none",
                        help="after training, correct the flow's draws towards the posterior: importance = Pareto-smoothed "
                             "importance resampling, mh = independence Metropolis-Hastings with the flow as proposal "
@@ -302,11 +307,13 @@ def resolve_defaults(args, init):
     """Fill in the defaults that depend on the start (``init``: "laplace" or "prior") and return args."""
     if args.iterations is None:
         args.iterations = args.default_iterations[init]
+    if args.flows is None:
+        args.flows = args.default_flows[init]
     if args.lr is None:
         args.lr = args.default_lr[init]
     if args.anneal is None:
         args.anneal = ANNEAL_FROM_PRIOR if init == "prior" else 0.0
-    del args.default_iterations, args.default_lr
+    del args.default_iterations, args.default_flows, args.default_lr
     return args
 
 
@@ -349,17 +356,29 @@ def run_flow_method(args, build_layers):
         model = build_flow(args, build_layers, laplace, problem, device, chosen.init)
         log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)
         generator = torch.Generator(device=device).manual_seed(args.seed)
+        recorder = convergence.Recorder()
+        scoring_generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # training's draws stay the same
+
+        def score_now(iteration, seconds):
+            theta_now, _ = evaluate(model, log_likelihood, problem.log_prior_density, convergence.CHECKPOINT_SAMPLES,
+                                    scoring_generator)
+            error = reference_module.score(theta_now, reference)["error"] if np.all(np.isfinite(theta_now)) else math.inf
+            recorder.add(iteration, seconds, chosen.likelihood_evaluations + iteration * args.batch, error, stage="training")
+
         with cli.interruptible("training") as stop:
             try:
                 history, train_seconds = train(model, log_likelihood, problem.log_prior_density, args.iterations,
                                                args.batch, args.lr, args.clip_norm, args.clip_value, generator,
-                                               not args.quiet, stop, anneal=args.anneal)
+                                               not args.quiet, stop, anneal=args.anneal,
+                                               checkpoints=convergence.checkpoint_iterations(args.iterations, args.checkpoints),
+                                               on_checkpoint=score_now)
             except TrainingDiverged as error:
                 advice = f"try a smaller --lr (now {args.lr:g}) or gradient clipping (--clip-norm 10)"
                 advice += ", or --init laplace" if chosen.init == "prior" else ""
                 return cli.fail_without_results(out, f"{error}; {advice}")
         n_draws = refine.draws_needed(args.refine, args.samples) if args.refine != "none" else args.samples
-        theta, log_weights = evaluate(model, log_likelihood, problem.log_prior_density, n_draws, generator)
+        with cli.Timer() as evaluation:
+            theta, log_weights = evaluate(model, log_likelihood, problem.log_prior_density, n_draws, generator)
         if not np.all(np.isfinite(theta)):
             return cli.fail_without_results(out, "the trained flow draws non-finite samples; try a smaller --lr")
         results = importance_diagnostics(log_weights, reference.log_evidence)
@@ -371,8 +390,11 @@ def run_flow_method(args, build_layers):
             train_time_s=train_seconds,
             time_per_iteration_ms=1e3 * train_seconds / history.size,
             n_parameters=int(sum(p.numel() for p in model.parameters())),
-            likelihood_evaluations=chosen.likelihood_evaluations + int(history.size) * args.batch + args.samples,
+            likelihood_evaluations=chosen.likelihood_evaluations + int(history.size) * args.batch + n_draws,
         )
+        cost = train_seconds + evaluation.seconds  # the flow's clock: training, then drawing its samples
+        vi_error = reference_module.score(theta[:args.samples], reference)["error"]
+        recorder.add(history.size, cost, results["likelihood_evaluations"], vi_error, stage="trained")
         lines = []
         if args.refine != "none":
             results["vi"] = {"error": None, **{key: results[key] for key in ("kl", "is_ess", "khat")}}
@@ -381,14 +403,18 @@ def run_flow_method(args, build_layers):
                 theta, refined = refine.refine(args.refine, theta, log_weights, args.samples,
                                                np.random.default_rng(args.seed))
             results["refine"] = {**refined, "time_s": refining.seconds}
+            recorder.add(history.size, cost + refining.seconds, results["likelihood_evaluations"],
+                         reference_module.score(theta, reference)["error"], stage="refined")
             lines.append(f"VI alone: error {results['vi']['error']:.4f}; refined by {args.refine}"
                          + ("" if refined["trustworthy"] else " (NOT TRUSTWORTHY)"))
             if not refined["trustworthy"]:
                 print(f"warning: {refined['warning']}", file=sys.stderr)
         else:
             theta = theta[:args.samples]
+        results["convergence"] = recorder.points
+        results["cost_s"] = recorder.points[-1]["seconds"]
     figures.plot_elbo(out / "elbo.png", history, reference.log_evidence, title=args.method,
-                      final_kl=(results["kl"], args.samples))
+                      final_kl=(results["kl"], n_draws), anneal_end=results["anneal_iterations"])
     summary = report.write_results(out, args, problem, reference, theta, results, total.seconds, stop.interrupted)
     report.print_summary(summary, [
         f"ELBO {results['elbo']:.4f} ± {results['elbo_se']:.4f}, KL(q||p) {results['kl']:.4f} nats, "

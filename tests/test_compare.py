@@ -16,7 +16,9 @@ import figures
 import Gravity_MCMC
 import Gravity_coupling_NSF
 import Gravity_planar
+import runner
 import sweep
+from forward import DataError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -102,7 +104,7 @@ def test_a_method_that_fails_gets_a_row_saying_so_and_compare_exits_non_zero(tmp
 ])
 def test_compare_refuses_bad_input_in_one_line_with_status_2(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
-        cli.run(compare.main, argv + ["--out", str(tmp_path / "never")])
+        runner.run(compare.main, argv + ["--out", str(tmp_path / "never")])
     assert exit_.value.code == cli.EXIT_USAGE
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and message in error
@@ -192,7 +194,7 @@ def test_sweep_of_a_comparison_has_a_row_per_value_and_method(tmp_path):
 ])
 def test_a_bad_sweep_exits_2_with_one_line_and_runs_nothing(tmp_path, capsys, spec, message):
     with pytest.raises(SystemExit) as exit_:
-        cli.run(Gravity_planar.main, ["--sweep", spec, "--out", str(tmp_path / "never")])
+        runner.run(Gravity_planar.main, ["--sweep", spec, "--out", str(tmp_path / "never")])
     assert exit_.value.code == cli.EXIT_USAGE
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and message in error
@@ -201,7 +203,7 @@ def test_a_bad_sweep_exits_2_with_one_line_and_runs_nothing(tmp_path, capsys, sp
 
 def test_a_sweep_that_conflicts_with_another_option_is_refused_before_running(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli.run(Gravity_planar.main, ["--clip-norm", "1", "--sweep", "clip-value=1,2", "--out", str(tmp_path / "never")])
+        runner.run(Gravity_planar.main, ["--clip-norm", "1", "--sweep", "clip-value=1,2", "--out", str(tmp_path / "never")])
     assert exit_.value.code == cli.EXIT_USAGE
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "never").exists()
@@ -218,5 +220,33 @@ def test_sweep_spec_forms(argv):
 
 def test_script_parser_gives_the_script_s_own_options():
     flow = sweep.script_parser(Gravity_coupling_NSF.main).parse_args([])
-    assert (flow.method, flow.bins, flow.iterations) == ("coupling_NSF", 8, 2000)
+    # --iterations defaults by the start --init chooses (vi.resolve_defaults), 2000 from the Laplace start
+    assert (flow.method, flow.bins, flow.iterations, flow.default_iterations["laplace"]) == ("coupling_NSF", 8, None, 2000)
     assert sweep.script_parser(Gravity_MCMC.main).get_default("out").endswith("MCMC")
+
+
+def test_the_parser_records_every_option_of_its_groups_and_looks_them_up_by_name():
+    parser = sweep.script_parser(Gravity_coupling_NSF.main)
+    assert parser.option("--bins") is parser.option("bins")  # in the "flow and training" group
+    assert parser.option("bins").default == 8
+    assert parser.option("clip-value").dest == "clip_value"  # in a mutually exclusive group inside a group
+    assert parser.option("--seed").dest == "seed" and parser.option("-h").dest == "help"
+    assert parser.option("--no-such-option") is None
+    # the record is complete: every action argparse knows of, once, in the order added
+    assert parser.actions() == tuple(parser._actions)
+
+
+def test_a_sweep_looks_options_up_in_the_parser_s_record_not_in_argparse_internals():
+    parser = sweep.script_parser(Gravity_coupling_NSF.main)
+    for private in ("_option_string_actions", "_actions"):  # argparse's own bookkeeping, not an interface
+        delattr(parser, private)
+    sweep.check_values(parser, "bins", ["4", "8"])
+    sweep.check_values(parser, "clip-value", ["10", "0.1"])
+    with pytest.raises(DataError, match="not a whole number"):
+        sweep.check_values(parser, "bins", ["4", "x"])
+    with pytest.raises(DataError, match="choose from cpu, cuda"):
+        sweep.check_values(parser, "device", ["gpu"])
+    with pytest.raises(DataError, match=r"no option --binz to sweep over; options that can be swept: .*\bbins\b"):
+        sweep.check_values(parser, "binz", ["1"])
+    with pytest.raises(DataError, match="6 values"):
+        sweep.check_values(parser, "bounds", ["1"])

@@ -1,6 +1,9 @@
-"""Faults and reproducibility, on real processes: divergence, Ctrl-C, whole-or-nothing files, same seed same samples.
+"""Faults and reproducibility, on real processes: divergence, Ctrl-C, whole-or-nothing files and results,
+same seed same samples.
 
-Exit statuses (cli.py): 2 bad input, 3 training diverged, 130 interrupted.
+Exit statuses (cli.py): 2 bad input, 3 training diverged, 130 interrupted. After any Ctrl-C an output
+folder holds a complete result (marked interrupted if its loop was cut short) or nothing of the run,
+and never a mix with an earlier run's files.
 """
 
 import hashlib
@@ -12,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,11 @@ import torch
 
 import cli
 import forward
+import Gravity_MCMC
+import Gravity_planar
+import output
+import runner
+from ctrl_c import after_writing
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON_FILES = ("marginals.png", "predictive_check.png", "pairs.png", "summary.json", "samples.npz")
@@ -45,6 +54,19 @@ def leftover_temporaries(folder):
     return [path.name for path in folder.rglob(".tmp-*")]
 
 
+def result_files(folder):
+    """The names of the result files (of any run, a comparison or a sweep) in ``folder``."""
+    return {path.name for path in folder.iterdir() if path.name in cli.RESULT_FILES} if folder.exists() else set()
+
+
+def plant_earlier_result(folder, names):
+    """An earlier run's result in ``folder`` (files ``names``), and a file of the user's that is no result."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"an earlier run's " + name.encode())
+    (folder / "notes.txt").write_text("the user's own file: never removed\n")
+
+
 # ----------------------------------------------------------------------------------------------
 # Divergence
 
@@ -55,8 +77,10 @@ def test_divergence_stops_with_the_iteration_and_what_to_change_and_writes_nothi
                                         "--quiet", "--out", out)])
     assert completed.returncode == 3, completed.stderr
     assert "Traceback" not in completed.stderr
-    message = completed.stderr.strip()
-    assert "\n" not in message
+    # the error is one line, the last (a "start: ..." line about the chosen start may come before it)
+    errors = [line for line in completed.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and completed.stderr.strip().endswith(errors[0]), completed.stderr
+    message = errors[0]
     assert "diverged at iteration 2 of 200" in message
     assert "--lr" in message and "--clip-norm" in message
     assert not out.exists() or not any(out.iterdir()), "a diverged run must leave nothing that looks like a result"
@@ -111,6 +135,8 @@ class Running:
 ])
 def test_ctrl_c_writes_what_was_learnt_marked_interrupted(script, loop, planned, files, tmp_path):
     out = tmp_path / "out"
+    # the folder held another method's result: none of its files may be taken for this run's
+    plant_earlier_result(out, set(FLOW_FILES + MCMC_FILES) - set(files) | {"summary.json", "samples.npz"})
     run = Running(script, "--iterations", planned, "--samples", 2000, "--out", out)
     run.wait_for(loop)
     time.sleep(0.5)
@@ -127,11 +153,14 @@ def test_ctrl_c_writes_what_was_learnt_marked_interrupted(script, loop, planned,
     assert 1 <= summary["iterations"] < planned
     assert np.all(np.isfinite(summary["posterior"]["mean"]))
     assert np.load(out / "samples.npz")["theta"].shape == (2000, 3)
+    assert result_files(out) == set(files), "this run's files, and only they"
+    assert (out / "notes.txt").exists()
     assert leftover_temporaries(out) == []
 
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
     out = tmp_path / "out"
+    plant_earlier_result(out, FLOW_FILES)
     run = Running("Gravity_MCMC.py", "--iterations", 10_000_000, "--out", out)
     run.wait_for("sampling")
     run.interrupt()
@@ -143,9 +172,147 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     assert status == 130, stderr
     assert "Traceback" not in stderr
     assert stderr.rstrip().endswith("Gravity_MCMC.py: interrupted")
-    # it quit before finishing: no summary claims a result, and no file is half-written
-    assert not (out / "summary.json").exists()
+    # it quit before finishing: no summary claims a result, no file is half-written, and the earlier
+    # run's result went when this run began with the folder
+    assert result_files(out) == set()
+    assert (out / "notes.txt").exists()
     assert leftover_temporaries(out) == []
+
+
+def test_a_second_ctrl_c_while_the_results_are_written_leaves_nothing_of_the_run_in_a_real_process(tmp_path):
+    """First Ctrl-C in the sampling loop; the second right after samples.npz is in place, before summary.json."""
+    out = tmp_path / "out"
+    plant_earlier_result(out, FLOW_FILES)
+    run = Running("tests/ctrl_c.py", "samples.npz", "Gravity_MCMC.py", "--iterations", 10_000_000,
+                  "--burn-in", 200, "--samples", 500, "--out", out)
+    run.wait_for("sampling")
+    time.sleep(0.3)
+    run.interrupt()
+    status, stderr = run.finish()
+    assert status == 130, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted: stopping sampling" in stderr  # the first Ctrl-C: stop and write the results...
+    assert stderr.rstrip().endswith("Gravity_MCMC.py: interrupted")  # ...the second: quit at once
+    # samples.npz and the MCMC figures were written, then removed: the result was not complete;
+    # the earlier flow result (with its summary.json) is not there to be mixed with them
+    assert result_files(out) == set()
+    assert (out / "notes.txt").exists()
+    assert leftover_temporaries(out) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C at exact moments, in this process: the real handlers (runner.run installs cli.quit_now,
+# cli.interruptible its own), signals sent by the process to itself; only os._exit is replaced, by
+# a note of what it would leave behind. Figures are drawn but not rendered, to keep these fast.
+
+CHEAP = {"MCMC": (Gravity_MCMC.main, ["--iterations", "100000", "--burn-in", "200", "--samples", "300"], MCMC_FILES),
+         "planar": (Gravity_planar.main, ["--iterations", "100000", "--samples", "300"], FLOW_FILES)}
+
+
+class Quit(BaseException):
+    """Stands for os._exit inside cli.quit_now, which would end the test process."""
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Run a method as its script would (runner.run), in this process: ``(exit status, result files left)``.
+
+    A quit at once (cli.quit_now) is seen through os._exit: the files are those left at that moment.
+    """
+    import matplotlib.pyplot as plt
+
+    def save_figure(figure, path, dpi=130):  # rendering is most of a short run's time; not what is tested
+        with output.atomic_path(path) as temporary:
+            temporary.write_bytes(b"\x89PNG not rendered")
+        plt.close(figure)
+
+    monkeypatch.setattr(output, "save_figure", save_figure)
+
+    def run(method, out):
+        main, options, _ = CHEAP[method]
+        left = {}
+
+        def exit_at_once(status):
+            left.update(status=status, files=result_files(out), temporaries=leftover_temporaries(out))
+            raise Quit
+
+        previous = signal.getsignal(signal.SIGINT)
+        monkeypatch.setattr(os, "_exit", exit_at_once)
+        try:
+            runner.run(main, [*options, "--quiet", "--out", str(out)])
+        except Quit:
+            assert left["temporaries"] == []
+            return left["status"], left["files"]
+        except SystemExit as exit_:
+            return exit_.code, result_files(out)
+        finally:
+            assert signal.getsignal(signal.SIGINT) is previous  # runner.run put it back
+        raise AssertionError("runner.run neither exited nor quit")
+
+    return run
+
+
+@pytest.fixture
+def ctrl_c_in_the_loop(monkeypatch):
+    """A first Ctrl-C as the training or sampling loop begins: cli.interruptible's handler takes it."""
+    interruptible = cli.interruptible
+
+    @contextmanager
+    def interrupted_at_once(*args, **kwargs):
+        with interruptible(*args, **kwargs) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            yield stop
+
+    monkeypatch.setattr(cli, "interruptible", interrupted_at_once)
+
+
+def ctrl_c_after_writing(monkeypatch, name):
+    """A Ctrl-C as soon as the file ``name`` is in place."""
+    monkeypatch.setattr(output, "atomic_path", after_writing(name, output.atomic_path))
+
+
+def earlier_result_of_another_method(method):
+    _, _, files = CHEAP[method]
+    return set(FLOW_FILES + MCMC_FILES) - set(files) | {"summary.json", "samples.npz"}
+
+
+@pytest.mark.parametrize("method", sorted(CHEAP))
+def test_a_first_ctrl_c_in_the_loop_gives_a_complete_result_marked_interrupted(method, tmp_path, in_process,
+                                                                               ctrl_c_in_the_loop):
+    out = tmp_path / "out"
+    plant_earlier_result(out, earlier_result_of_another_method(method))
+    status, files = in_process(method, out)
+    assert status == cli.EXIT_INTERRUPTED
+    assert files == set(CHEAP[method][2]), "this run's files, all of them, and no other run's"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["method"] == method
+    assert 1 <= summary["iterations"] < 100_000
+    assert (out / "notes.txt").exists()
+
+
+# moments: the method's own figure (written before report.write_results), samples.npz (its first
+# file), predictive_check.png (the last before summary.json)
+@pytest.mark.parametrize("method, moment", [("MCMC", "trace.png"), ("MCMC", "samples.npz"), ("planar", "elbo.png"),
+                                            ("planar", "predictive_check.png")])
+@pytest.mark.parametrize("first_in_the_loop", [True, False], ids=["second-ctrl-c", "ctrl-c-outside-the-loop"])
+def test_a_ctrl_c_while_the_results_are_written_leaves_nothing_of_the_run(method, moment, first_in_the_loop, tmp_path,
+                                                                          monkeypatch, in_process, request):
+    out = tmp_path / "out"
+    plant_earlier_result(out, earlier_result_of_another_method(method))
+    if first_in_the_loop:
+        request.getfixturevalue("ctrl_c_in_the_loop")
+    ctrl_c_after_writing(monkeypatch, moment)
+    status, files = in_process(method, out)
+    assert (status, files) == (cli.EXIT_INTERRUPTED, set())
+    assert (out / "notes.txt").exists()
+
+
+def test_a_ctrl_c_once_the_result_is_complete_leaves_it_whole(tmp_path, monkeypatch, in_process):
+    out = tmp_path / "out"
+    ctrl_c_after_writing(monkeypatch, "summary.json")
+    status, files = in_process("MCMC", out)
+    assert (status, files) == (cli.EXIT_INTERRUPTED, set(MCMC_FILES))
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is False  # its loop ran to the end
 
 
 class QuitNow(Exception):
@@ -171,13 +338,49 @@ def test_interruptible_sets_a_flag_first_and_quits_on_a_second_ctrl_c(monkeypatc
 
 
 def test_quitting_at_once_removes_the_files_being_written(tmp_path):
-    import output
-
     writing = output.atomic_path(tmp_path / "figure.png")
     temporary = writing.__enter__()  # a write in progress, never finished: the process quits
     temporary.write_bytes(b"half a figure")
     output.discard_temporaries()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def unfinished(monkeypatch):
+    """output's record of the results begun and not complete, empty and this test's own."""
+    monkeypatch.setattr(output, "_UNFINISHED", {})
+    return output._UNFINISHED
+
+
+def test_a_result_is_discarded_until_its_last_file_is_written(tmp_path, unfinished):
+    run, other = tmp_path / "run", tmp_path / "other"
+    plant_earlier_result(run, ["summary.json", "elbo.png", "table.md"])
+    (run / "sub").mkdir()
+    assert sorted(output.begin_result(run)) == ["elbo.png", "summary.json", "table.md"]
+    assert sorted(path.name for path in run.iterdir()) == ["notes.txt", "sub"]  # only result files, by name
+    output.write_npz(run / "samples.npz", theta=np.zeros((2, 3)))
+    other.mkdir()
+    output.write_npz(other / "samples.npz", theta=np.zeros((2, 3)))  # a folder no run has begun: not recorded
+    assert output.discard_unfinished() == [run / "samples.npz"]  # what a quit now removes
+    assert sorted(path.name for path in run.iterdir()) == ["notes.txt", "sub"]
+    assert (other / "samples.npz").exists()
+
+    output.begin_result(run)
+    output.write_npz(run / "samples.npz", theta=np.zeros((2, 3)))
+    output.write_json(run / "summary.json", {"method": "test"})  # the last file: the result is complete
+    output.write_json(tmp_path / "run" / "later.json", {})  # not part of it, and not recorded
+    assert output.discard_unfinished() == []
+    assert {"samples.npz", "summary.json", "later.json"} <= {path.name for path in run.iterdir()}
+
+
+def test_a_table_completes_a_comparison_or_a_sweep(tmp_path, unfinished):
+    import sweep
+
+    output.begin_result(tmp_path)
+    (tmp_path / "figure.png").write_bytes(b"")  # not written through output: not this run's to remove
+    sweep.write_tables(tmp_path, sweep.COLUMNS[:2], [{"method": "MCMC", "error": 0.01}], "heading")
+    assert output.discard_unfinished() == []
+    assert {"table.csv", "table.md", "figure.png"} <= {path.name for path in tmp_path.iterdir()}
 
 
 # ----------------------------------------------------------------------------------------------

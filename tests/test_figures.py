@@ -412,8 +412,7 @@ def test_four_unknowns_give_six_pairs_and_the_ridge_against_its_exact_density(tm
     assert product[0] == pytest.approx(free_problem.truth[3] * free_problem.truth[2] ** 3, rel=0.03)
     # the magnified piece of the ridge shows its thickness: a window of ± 6 sd across it
     (inset,) = ridge.child_axes
-    across = ridge_reference.sd[2] * 0  # the sd of R across the ridge at fixed Δρ is that of r / s
-    across = math.sqrt(ridge_reference.cov[2, 2]) / ridge_reference._s(ridge_reference.mean[3])
+    across = math.sqrt(ridge_reference.cov[2, 2]) / ridge_reference._s(ridge_reference.mean[3])  # sd of R = r / s at fixed Δρ
     assert np.diff(inset.get_xlim())[0] == pytest.approx(2 * figures.RIDGE_INSET_SDS * across, rel=0.05)
     assert inset.collections, "samples and contours in the magnified window"
 
@@ -506,15 +505,16 @@ def test_pairs_of_a_posterior_narrower_than_one_grid_cell(tmp_path, drawn, defau
 
 
 def test_only_the_contour_that_exists_is_drawn():
-    # one cell holds 60 % of the mass: the 39.3 % level is the peak (no contour), the 86.5 % level is below it
-    nodes = np.arange(5.0)
-    density = np.full((5, 5), 0.01)
-    density[2, 2] = 0.6 / (1 - 0.24) * 1.0
-    density[2, 2] = 0.6 * (24 * 0.01) / 0.4  # 60 % of the total mass in the centre cell
+    # a smooth bump whose centre cell holds 60 % of the mass: the 39.3 % region is that one cell (its
+    # level is the peak: no contour), while the 86.5 % level lies below the peak and is drawn
+    nodes = np.arange(-10.0, 11.0)
+    density = np.exp(-0.125 * np.add.outer(nodes**2, nodes**2))
+    density[10, 10] = 0.0
+    density[10, 10] = 1.5 * density.sum()
     figure, ax = plt.subplots()
-    drawn_both = figures._draw_exact_contours(ax, nodes, nodes, density)
-    assert not drawn_both
-    assert len(ax.collections) == 1 and list(ax.collections[0].levels) == [0.01 + 0.0] or ax.collections[0].levels[0] < density.max()
+    assert not figures._draw_exact_contours(ax, nodes, nodes, density)
+    (contours,) = ax.collections
+    assert len(contours.levels) == 1 and 0 < contours.levels[0] < density.max()
     plt.close(figure)
 
 
