@@ -493,6 +493,61 @@ def _excess_mass_text(mass_product):
     return f"{round(mass, 2 - math.floor(math.log10(abs(mass)))):,.0f} kg" if abs(mass) >= 100 else f"{mass:.3g} kg"
 
 
+def _pair_panel(ax, theta, shown, n_total, i, j, reference, truth, limits, parameters):
+    """One panel of :func:`plot_pairs`: parameters i (x) and j (y). Returns ``(drawn, mass_product)``:
+    whether the exact contours could be drawn, and the Δρ R³ of the ridge's curve (None off the ridge)."""
+    (low_i, high_i), (low_j, high_j) = limits[i], limits[j]
+    ridge = _mass_ridge(parameters)
+    mass_product = None
+    drawn = True
+    ax.scatter(shown[:, i], shown[:, j], s=3, color=SAMPLE_COLOUR, alpha=0.25, lw=0, rasterized=True)
+    lines = []
+    on_ridge = ridge is not None and {i, j} == set(ridge)
+    if reference is not None:
+        nodes_i, nodes_j, joint = reference.joint_marginal(i, j)
+        if not _draw_exact_contours(ax, nodes_i, nodes_j, joint):
+            drawn = False
+            ax.plot(reference.mean[i], reference.mean[j], marker="P", ms=11, color=REFERENCE_COLOUR, mec="white",
+                    mew=0.8, ls="none", zorder=3)
+            lines.append("exact region narrower than its grid")
+        lines.append(f"exact correlation   {reference.correlation[i, j]:+.2f}")
+        if on_ridge:  # the exact posterior mean of Δρ R³
+            grid_i, grid_j = np.meshgrid(nodes_i, nodes_j, indexing="ij")
+            radius, density = (grid_i, grid_j) if i == ridge[0] else (grid_j, grid_i)
+            mass = np.where(np.isfinite(joint), joint, 0.0) * _cell_areas(nodes_i, nodes_j)
+            if mass.sum() > 0:
+                mass_product = float(np.sum(mass * density * radius**3) / mass.sum())
+    if on_ridge and mass_product is None and len(theta):
+        mass_product = float(np.median(theta[:, ridge[1]] * theta[:, ridge[0]] ** 3))
+    if on_ridge and mass_product is not None and np.isfinite(mass_product):
+        _draw_mass_curve(ax, limits[ridge[0]], mass_product, radius_on_x=(i == ridge[0]))
+        centre = reference.mean[ridge[1]] if reference is not None else float(np.median(theta[:, ridge[1]]))
+        _ridge_inset(ax, theta, (nodes_i, nodes_j, joint) if reference is not None else None, ridge, i == ridge[0],
+                     mass_product, centre, None if truth is None else (truth[i], truth[j]), limits[ridge[0]])
+    if len(theta) > 2 and np.std(theta[:, i]) > 0 and np.std(theta[:, j]) > 0:
+        lines.append(f"samples correlation {np.corrcoef(theta[:, i], theta[:, j])[0, 1]:+.2f}")
+    if truth is not None:
+        if low_i <= truth[i] <= high_i and low_j <= truth[j] <= high_j:
+            ax.plot(truth[i], truth[j], marker="*", ms=13, color=TRUTH_COLOUR, mec="white", mew=0.8, ls="none")
+        else:
+            lines.append("true value off view")
+    inside = (theta[:, i] >= low_i) & (theta[:, i] <= high_i) & (theta[:, j] >= low_j) & (theta[:, j] <= high_j)
+    n_out = n_total - int(inside.sum())
+    if n_out:
+        lines.append(f"{n_out} of {n_total} samples off view")
+    if lines:
+        ax.text(0.02, 0.97, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=8.5,
+                family="monospace", bbox=dict(facecolor="white", alpha=0.8, edgecolor="0.8"), zorder=4)
+    ax.set_xlim(low_i, high_i)
+    ax.set_ylim(low_j, high_j)
+    ax.set_xlabel(parameters[i].label)
+    ax.set_ylabel(parameters[j].label)
+    ax.set_title(f"{parameters[i].symbol} – {parameters[j].symbol}" + ("  (the mass ridge)" if on_ridge else ""))
+    _plain_ticks(ax, 6, 6)
+    _fit_ticks(ax, 6)
+    return drawn, mass_product
+
+
 def plot_pairs(path, theta, reference=None, truth=None, title="", parameters=forward.SPHERE, bounds=None):
     """The 2-D joint posteriors of every pair of parameters: samples (scatter), exact 39.3 % and 86.5 % contours, truth.
 
@@ -516,52 +571,10 @@ def plot_pairs(path, theta, reference=None, truth=None, title="", parameters=for
     mass_product = None
     not_drawn = []
     for ax, (i, j) in zip(axes.ravel(), pairs):
-        (low_i, high_i), (low_j, high_j) = limits[i], limits[j]
-        ax.scatter(shown[:, i], shown[:, j], s=3, color=SAMPLE_COLOUR, alpha=0.25, lw=0, rasterized=True)
-        lines = []
-        on_ridge = ridge is not None and {i, j} == set(ridge)
-        if reference is not None:
-            nodes_i, nodes_j, joint = reference.joint_marginal(i, j)
-            if not _draw_exact_contours(ax, nodes_i, nodes_j, joint):
-                not_drawn.append(f"{parameters[i].symbol}–{parameters[j].symbol}")
-                ax.plot(reference.mean[i], reference.mean[j], marker="P", ms=11, color=REFERENCE_COLOUR, mec="white",
-                        mew=0.8, ls="none", zorder=3)
-                lines.append("exact region narrower than its grid")
-            lines.append(f"exact correlation   {reference.correlation[i, j]:+.2f}")
-            if on_ridge:  # the exact posterior mean of Δρ R³
-                grid_i, grid_j = np.meshgrid(nodes_i, nodes_j, indexing="ij")
-                radius, density = (grid_i, grid_j) if i == ridge[0] else (grid_j, grid_i)
-                mass = np.where(np.isfinite(joint), joint, 0.0) * _cell_areas(nodes_i, nodes_j)
-                if mass.sum() > 0:
-                    mass_product = float(np.sum(mass * density * radius**3) / mass.sum())
-        if on_ridge and mass_product is None and len(theta):
-            mass_product = float(np.median(theta[:, ridge[1]] * theta[:, ridge[0]] ** 3))
-        if on_ridge and mass_product is not None and np.isfinite(mass_product):
-            _draw_mass_curve(ax, limits[ridge[0]], mass_product, radius_on_x=(i == ridge[0]))
-            centre = reference.mean[ridge[1]] if reference is not None else float(np.median(theta[:, ridge[1]]))
-            _ridge_inset(ax, theta, (nodes_i, nodes_j, joint) if reference is not None else None, ridge, i == ridge[0],
-                         mass_product, centre, None if truth is None else (truth[i], truth[j]), limits[ridge[0]])
-        if len(theta) > 2 and np.std(theta[:, i]) > 0 and np.std(theta[:, j]) > 0:
-            lines.append(f"samples correlation {np.corrcoef(theta[:, i], theta[:, j])[0, 1]:+.2f}")
-        if truth is not None:
-            if low_i <= truth[i] <= high_i and low_j <= truth[j] <= high_j:
-                ax.plot(truth[i], truth[j], marker="*", ms=13, color=TRUTH_COLOUR, mec="white", mew=0.8, ls="none")
-            else:
-                lines.append("true value off view")
-        inside = (theta[:, i] >= low_i) & (theta[:, i] <= high_i) & (theta[:, j] >= low_j) & (theta[:, j] <= high_j)
-        n_out = n_total - int(inside.sum())
-        if n_out:
-            lines.append(f"{n_out} of {n_total} samples off view")
-        if lines:
-            ax.text(0.02, 0.97, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=8.5,
-                    family="monospace", bbox=dict(facecolor="white", alpha=0.8, edgecolor="0.8"), zorder=4)
-        ax.set_xlim(low_i, high_i)
-        ax.set_ylim(low_j, high_j)
-        ax.set_xlabel(parameters[i].label)
-        ax.set_ylabel(parameters[j].label)
-        ax.set_title(f"{parameters[i].symbol} – {parameters[j].symbol}" + ("  (the mass ridge)" if on_ridge else ""))
-        _plain_ticks(ax, 6, 6)
-        _fit_ticks(ax, 6)
+        drawn, product = _pair_panel(ax, theta, shown, n_total, i, j, reference, truth, limits, parameters)
+        if not drawn:
+            not_drawn.append(f"{parameters[i].symbol}–{parameters[j].symbol}")
+        mass_product = product if product is not None else mass_product
     for ax in axes.ravel()[len(pairs):]:
         ax.set_visible(False)
     if not_drawn:
@@ -1209,4 +1222,43 @@ def plot_convergence(path, runs, level=None, title=""):
     figure.legend(handles=handles, loc="lower center", ncol=ncol, frameon=False, fontsize=9)
     figure.suptitle(_heading(title, "accuracy against cost as each method runs (lower left is better)"))
     figure.tight_layout(rect=(0, 0.05 + 0.045 * math.ceil(len(handles) / ncol), 1, 1))
+    output.save_figure(figure, path)
+
+
+def plot_pair_grid(path, rows, truth=None, title="", parameters=forward.SPHERE, bounds=None):
+    """Small multiples of one pair of parameters, one panel per run: the R–Δρ ridge when the density
+    is unknown, else z–R (the depth–radius trade-off). ``rows``: ``(label, theta, reference)`` as for
+    :func:`plot_marginals_grid`; every panel has the same axes (those of the first row's reference)."""
+    ridge = _mass_ridge(parameters)
+    i, j = ridge if ridge is not None else (parameters.index(forward.DEPTH), parameters.index(forward.RADIUS))
+    n_columns = min(4, len(rows))
+    n_rows = math.ceil(len(rows) / n_columns)
+    figure, axes = plt.subplots(n_rows, n_columns, figsize=(4.3 * n_columns, 3.9 * n_rows + 0.9), squeeze=False)
+    rng = np.random.default_rng(0)
+    first_reference = rows[0][2]
+    limits = _all_view_limits(np.empty((0, len(parameters))), first_reference, truth, bounds) if first_reference is not None else None
+    not_drawn = []
+    for ax, (label, theta, reference) in zip(axes.ravel(), rows):
+        theta, n_total = _finite_rows(theta, parameters)
+        shown = theta if len(theta) <= MAX_SCATTER_POINTS else theta[rng.choice(len(theta), MAX_SCATTER_POINTS, replace=False)]
+        drawn, _ = _pair_panel(ax, theta, shown, n_total, i, j, reference, truth,
+                               limits or _all_view_limits(theta, reference, truth, bounds), parameters)
+        if not drawn:
+            not_drawn.append(label.splitlines()[0])
+        ax.set_title(label, fontsize=10)
+    for ax in axes.ravel()[len(rows):]:
+        ax.set_visible(False)
+    if not_drawn:
+        warnings.warn(f"exact contour not drawn for {', '.join(not_drawn)}: posterior narrower than the reference's grid",
+                      stacklevel=2)
+    handles = [Line2D([], [], marker="o", ls="none", color=SAMPLE_COLOUR, alpha=0.5, label="samples"),
+               Line2D([], [], color=REFERENCE_COLOUR, lw=1.8, label=f"exact posterior, {100 * ONE_SIGMA_MASS:.1f} % region"),
+               Line2D([], [], color=REFERENCE_COLOUR, lw=1.0, ls="--", label=f"exact posterior, {100 * TWO_SIGMA_MASS:.1f} % region")]
+    if truth is not None:
+        handles.append(Line2D([], [], marker="*", ms=11, ls="none", color=TRUTH_COLOUR, label="true value"))
+    figure.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    what = (f"the {parameters[i].symbol}–{parameters[j].symbol} joint posterior of every method"
+            + (" (the mass ridge)" if ridge is not None else ""))
+    figure.suptitle(_heading(title, what))
+    figure.tight_layout(rect=(0, 0.5 / figure.get_figheight(), 1, 1))
     output.save_figure(figure, path)

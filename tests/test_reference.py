@@ -89,3 +89,22 @@ def test_grid_density_is_the_normalised_posterior_with_per_station_sigma():
     index = tuple(rng.integers(0, 41, size=(3, 20)))
     nodes = np.stack([result.nodes[axis][index[axis]] for axis in range(3)], axis=1)
     np.testing.assert_allclose(result.log_density[index] + result.log_evidence, problem.log_posterior(nodes), rtol=1e-10)
+
+
+def test_posterior_pressed_against_a_bound_gets_the_whole_box_grid_zoomed_in():
+    """z in [7, 15] with the true z = 6: theta's Laplace is no peak at the best fit (z on its bound), so the grid
+    starts from the whole box and zooms in on where it finds the posterior. A finer grid on a window of ±20 of the
+    result's own sd around its mean (clipped to the box) gives the same posterior. (Not ±8: pressed against the
+    bound, z falls off exponentially, so 8 sd leave 3e-4 of the mass out and the sd 0.6 % short; and the trapezoid
+    rule converges as h² only, the posterior being cut off at its largest by the bound.)"""
+    problem = forward.synthetic_problem(bounds=((0, 10), (7, 15), (0.5, 5)))
+    laplace = forward.laplace_approximation(problem)
+    assert not laplace.theta_peak and laplace.on_bound == ("z",)
+    result = reference.compute_reference(problem, laplace)
+    assert result.nodes[1][0] == 7.0 and result.nodes[1][-1] < 7.2  # zoomed in, against the bound
+    low = np.maximum(result.mean - 20 * result.sd, problem.bounds[:, 0])
+    high = np.minimum(result.mean + 20 * result.sd, problem.bounds[:, 1])
+    other = reference._theta_grid_reference(problem, low, high, 161)
+    assert np.all(np.abs(other.mean - result.mean) < 5e-3 * result.sd)
+    np.testing.assert_allclose(other.sd, result.sd, rtol=3e-3)
+    assert other.log_evidence == pytest.approx(result.log_evidence, abs=3e-3)
