@@ -24,7 +24,7 @@ def build_layers(args, dim):
 
 
 def build_parser():
-    return vi.flow_parser(__doc__, "auto_Affine", iterations=3000, flows=4, hidden=32, lr=0.005)
+    return vi.flow_parser(__doc__, "auto_Affine", iterations={"laplace": 3000, "prior": 4000}, flows=4, hidden=32, lr=0.005)
 
 
 def main(argv=None):

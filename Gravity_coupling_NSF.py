@@ -28,7 +28,7 @@ def build_layers(args, dim):
 
 
 def build_parser():
-    return vi.flow_parser(__doc__, "coupling_NSF", iterations=2000, flows=3, hidden=32, lr=0.005, spline=True)
+    return vi.flow_parser(__doc__, "coupling_NSF", iterations={"laplace": 2000, "prior": 4000}, flows=3, hidden=32, lr=0.005, spline=True)
 
 
 def main(argv=None):

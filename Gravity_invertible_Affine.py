@@ -26,7 +26,8 @@ def build_layers(args, dim):
 
 
 def build_parser():
-    return vi.flow_parser(__doc__, "invertible_Affine", iterations=3000, flows=3, hidden=32, lr=0.005)
+    return vi.flow_parser(__doc__, "invertible_Affine", iterations={"laplace": 3000, "prior": 4000},
+                          flows={"laplace": 3, "prior": 5}, hidden=32, lr=0.005)
 
 
 def main(argv=None):

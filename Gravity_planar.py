@@ -23,7 +23,8 @@ def build_layers(args, dim):
 
 
 def build_parser():
-    return vi.flow_parser(__doc__, "planar", iterations=3000, flows=8, hidden=None, lr=0.01)
+    return vi.flow_parser(__doc__, "planar", iterations={"laplace": 3000, "prior": 4000},
+                          flows={"laplace": 8, "prior": 16}, hidden=None, lr=0.01)
 
 
 def main(argv=None):

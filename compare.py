@@ -27,6 +27,7 @@ import time
 import traceback
 
 import cli
+import convergence
 import figures
 import forward
 import runner
@@ -68,6 +69,13 @@ TOTAL_TIME_GOAL_S = 180.0
 #: The default MCMC's smallest ESS per second of sampling against the original's settings
 #: (--init prior: one chain from (5.5, 8.5, 4.5), isotropic 0.01 m proposal, 100000 + 20000 iterations).
 MCMC_SPEEDUP_GOAL = 20.0
+#: With the density unknown (--density-bounds): each run's wall time, the whole comparison's, and the
+#: best flow's time to error 0.05 as a share of MCMC's.
+RIDGE_RUN_GOAL_S = 90.0
+RIDGE_TOTAL_TIME_GOAL_S = 360.0
+FLOW_TIME_RATIO_GOAL = 0.5
+#: The table column with each method's seconds to reach error 0.05 (convergence.cost_to_reach).
+TIME_TO_LEVEL = "time_to_error_0.05_s"
 
 
 def build_parser():
@@ -240,15 +248,17 @@ def mcmc_speedup(args, out, runs):
     return default["summary"]["ess_per_s"], original["summary"]["ess_per_s"]
 
 
-def check_goals(runs, ratios, total_seconds, why_no_ratio="not measured", speedup=None):
-    """The goals table (markdown) and the number of goals passed and checked."""
+def check_goals(runs, ratios, total_seconds, why_no_ratio="not measured", speedup=None, ridge=False):
+    """The goals table (markdown) and the number of goals passed and checked (``ridge``: the free-density goals)."""
+    if ridge:
+        return _check_ridge_goals(runs, total_seconds)
     lines = ["| method | error | KL (nats) | training time | cost ratio vs bare flow |", "|:---|:---|:---|:---|:---|"]
     passed = checked = 0
     for run in runs:
         method, summary = run["method"], run["summary"] or {}
         cells = []
         error_limit = MCMC_ERROR_GOAL if method == "MCMC" else ERROR_GOAL
-        checks = [(summary.get("error"), error_limit, "{:.4f}", "")]
+        checks = [(_vi_error(summary) if method != "MCMC" else summary.get("error"), error_limit, "{:.4f}", "")]
         if method != "MCMC":
             checks += [(summary.get("kl"), KL_GOAL, "{:.4f}", ""),
                        (summary.get("train_time_s"), TRAIN_TIME_GOAL_S[_kind(method)], "{:.1f}", " s")]
@@ -278,6 +288,67 @@ def check_goals(runs, ratios, total_seconds, why_no_ratio="not measured", speedu
         lines.append("")
     lines.append(f"Whole comparison (all methods, figures and the cost-ratio timing): {text}.")
     return "\n".join(lines), passed, checked
+
+
+def _vi_error(summary):
+    """A flow's error before any refinement (its own draws)."""
+    return (summary.get("vi") or {}).get("error", summary.get("error"))
+
+
+def _check_ridge_goals(runs, total_seconds):
+    """The free-density goals: MCMC and every refined flow error ≤ 0.05, the spline flows also without
+    refining, every run within RIDGE_RUN_GOAL_S, the comparison within RIDGE_TOTAL_TIME_GOAL_S."""
+    lines = ["| method | error (refined for flows) | flow alone | wall time |", "|:---|:---|:---|:---|"]
+    passed = checked = 0
+    for run in runs:
+        method, summary = run["method"], run["summary"] or {}
+        checks = [(summary.get("error"), ERROR_GOAL, "{:.4f}", "")]
+        alone = ""
+        if method in SPLINE_FLOWS:
+            checks.append((_vi_error(summary), ERROR_GOAL, "{:.4f}", ""))
+        elif method != "MCMC" and _vi_error(summary) is not None:
+            alone = f"{_vi_error(summary):.4f} (not a goal)"
+        checks.append((summary.get("wall_time_s"), RIDGE_RUN_GOAL_S, "{:.1f}", " s"))
+        cells = []
+        for value, limit, fmt, unit in checks:
+            text, ok = _judge(value, limit, fmt, unit)
+            cells.append(text)
+            passed, checked = passed + ok, checked + 1
+        if method not in SPLINE_FLOWS:
+            cells.insert(1, alone)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    text, ok = _judge(total_seconds, RIDGE_TOTAL_TIME_GOAL_S, "{:.0f}", " s")
+    passed, checked = passed + ok, checked + 1
+    lines += ["", f"Whole comparison (all methods, figures and the cost-ratio timing): {text}."]
+    return "\n".join(lines), passed, checked
+
+
+def flow_against_mcmc(reach, ridge):
+    """Lines comparing each flow's seconds to reach error ERROR_LEVEL with MCMC's (measured in this run),
+    and whether the best flow needs at most FLOW_TIME_RATIO_GOAL of MCMC's time (None: not judged)."""
+    level = convergence.ERROR_LEVEL
+    mcmc = reach.pop("MCMC", None)
+    lines = [f"Time to reach error {level:g} and stay there (checkpoints of this run; empty: never):", ""]
+    if mcmc is None:
+        lines.append(f"- MCMC did not reach {level:g}; no ratio.")
+    for method, seconds in reach.items():
+        if seconds is None:
+            lines.append(f"- {method}: never reached {level:g}")
+        elif mcmc is not None:
+            lines.append(f"- {method}: {seconds:.1f} s, {seconds / mcmc:.2f}× MCMC's {mcmc:.1f} s")
+        else:
+            lines.append(f"- {method}: {seconds:.1f} s")
+    if not ridge or mcmc is None:
+        return lines, None
+    flows = {method: seconds for method, seconds in reach.items() if seconds is not None}
+    if not flows:
+        lines += ["", f"Goal: the best flow within {FLOW_TIME_RATIO_GOAL:g}× MCMC's time: FAIL (no flow reached {level:g})."]
+        return lines, False
+    best = min(flows, key=flows.get)
+    ok = flows[best] <= FLOW_TIME_RATIO_GOAL * mcmc
+    lines += ["", f"Goal: the best flow ({best}, {flows[best]:.1f} s) within {FLOW_TIME_RATIO_GOAL:g}× MCMC's time "
+                  f"({mcmc:.1f} s): {flows[best] / mcmc:.2f}× {'PASS' if ok else 'FAIL'}."]
+    return lines, ok
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,6 +392,7 @@ def main(argv=None):
         row["cost_ratio"] = ratios.get(run["method"])
         row["status"] = _status_text(run)
         rows.append(row)
+    reach = {row["method"]: row.get(TIME_TO_LEVEL) for row in rows}
 
     title = f"compare ({'quick smoke run, ' if args.quick else ''}seed {args.seed}, --init {args.init})"
     done = [run for run in runs if run["theta"] is not None]
@@ -329,13 +401,23 @@ def main(argv=None):
         figures.plot_marginals_grid(out / "marginals.png", [(f"{run['method']}\n{WHAT[run['method']]}", run["theta"], reference)
                                                             for run in done], truth, title=title, error_goal=ERROR_GOAL,
                                     parameters=problem.parameters, bounds=problem.bounds)
+        figures.plot_pair_grid(out / "pairs.png", [(f"{run['method']}: {WHAT[run['method']]}", run["theta"], reference)
+                                                   for run in done], truth, title=title, parameters=problem.parameters,
+                               bounds=problem.bounds)
+        figures.plot_convergence(out / "convergence.png", [
+            {"label": run["method"], "points": run["summary"].get("convergence") or []} for run in done],
+            level=convergence.ERROR_LEVEL, title=title)
         figures.plot_cost_accuracy(out / "cost_accuracy.png", [
             {"label": run["method"], "wall_time_s": run["summary"]["wall_time_s"], "error": run["summary"]["error"],
              "kl": run["summary"].get("kl"), "kl_se": run["summary"].get("elbo_se")} for run in done], ERROR_GOAL, KL_GOAL, title=title)
 
     total = time.perf_counter() - started
     why_no_ratio = "not measured (--no-cost-ratio)" if args.no_cost_ratio else "not measured"
-    goals, passed, checked = check_goals(runs, ratios, total, why_no_ratio, speedup)
+    goals, passed, checked = check_goals(runs, ratios, total, why_no_ratio, speedup, ridge=problem.free_density)
+    ratio_lines, ratio_passed = flow_against_mcmc(reach, ridge=problem.free_density)
+    goals += "\n\n" + "\n".join(ratio_lines)
+    if ratio_passed is not None:
+        passed, checked = passed + ratio_passed, checked + 1
     notes = [
         "Every method ran with `" + " ".join(common_argv(args)) + "`" + (", --quick" if args.quick else "")
         + (f", flows --iterations {args.iterations}" if args.iterations else "") + ".",
@@ -360,7 +442,7 @@ def main(argv=None):
               "flow KL ≤ 0.005, flow training ≤ 15 s (spline flows 20 s), a training iteration ≤ 3× the bare flow's "
               "(spline flows 5×), MCMC's ESS per second ≥ 20× the original's settings, and the whole comparison under 3 minutes."
               + (" This run is not at the defaults, so its FAILs say nothing about the methods." if args.quick
-                 or args.iterations or args.init != "laplace" or args.data else ""), "", goals]
+                 or args.iterations or args.init != "auto" or args.data else ""), "", goals]
     heading = "Seven ways to the same posterior" if len(args.methods) == len(METHODS) else ", ".join(args.methods)
     text = sweep.write_tables(out, sweep.COLUMNS, rows, f"{heading}: {title}", "\n".join(notes))
     print(text)

@@ -183,6 +183,26 @@ def test_free_density_reference_of_weak_data_covers_the_box_and_agrees_with_impo
     assert_moments_agree_with_importance_sampling(problem, result, n=100_000, seed=6)
 
 
+@pytest.mark.parametrize("case", ["known density", "free density"])
+def test_exact_draws_from_weak_references_score_near_zero(case, weak, weak_free_density):
+    """Cells by their mass, then uniformly within them; on the free density's m axis (uniform in m^(1/3))
+    between the midpoints to the neighbouring nodes."""
+    problem, _, result = weak if case == "known density" else weak_free_density
+    samples = result.sample(50_000, np.random.default_rng(2))
+    assert np.all(problem.inside(samples))
+    assert reference.score(samples, result)["error"] < 0.02
+    assert np.all(np.abs(samples.mean(axis=0) - result.mean) < 0.02 * result.sd)
+    np.testing.assert_allclose(samples.std(axis=0), result.sd, rtol=0.02)
+
+
+def test_draws_within_a_cell_of_an_uneven_axis_span_the_cell():
+    """All the mass on the node 3 of the axis (0, 1, 3, 7): its cell is [2, 5], between the midpoints."""
+    nodes = [np.array([0.0, 1.0, 3.0, 7.0])]
+    draws = reference._sample_cells(np.array([0.0, 0.0, 1.0, 0.0]), nodes, 20_000, np.random.default_rng(0))[:, 0]
+    assert draws.min() >= 2.0 and draws.max() <= 5.0
+    np.testing.assert_allclose(np.histogram(draws, bins=6, range=(2, 5))[0] / draws.size, 1 / 6, atol=0.015)
+
+
 def test_free_density_reference_of_weak_data_converges(weak_free_density):
     problem, laplace, result = weak_free_density
     fine = reference.compute_reference(problem, laplace, grid_points=161)

@@ -1,0 +1,51 @@
+"""--init auto: the Laplace Gaussian judged by its own importance diagnostics against the unnormalised posterior."""
+
+import numpy as np
+import pytest
+
+import diagnostics
+import forward
+import start
+
+
+@pytest.fixture(scope="module")
+def ridge_problem():
+    return forward.synthetic_problem(density_bounds=(1000.0, 4000.0))
+
+
+def test_auto_chooses_laplace_where_it_describes_the_posterior(default_problem, default_laplace):
+    chosen = start.choose_start("auto", default_problem, default_laplace)
+    assert chosen.init == "laplace"
+    assert chosen.khat < start.KHAT_LIMIT and chosen.is_ess > 0.95
+    assert chosen.likelihood_evaluations == start.N_DRAWS
+    assert "describes the posterior" in chosen.reason
+
+
+def test_auto_chooses_the_prior_on_the_mass_ridge(ridge_problem):
+    chosen = start.choose_start("auto", ridge_problem, forward.laplace_approximation(ridge_problem))
+    assert chosen.init == "prior"
+    assert chosen.is_ess < start.ESS_LIMIT
+    assert "misses" in chosen.reason
+
+
+def test_explicit_choices_are_kept_without_judging(default_problem, default_laplace):
+    for init in ("laplace", "prior"):
+        chosen = start.choose_start(init, default_problem, default_laplace)
+        assert chosen.init == init and chosen.likelihood_evaluations == 0
+
+
+def test_laplace_log_weights_are_log_p_over_q(default_problem, default_laplace):
+    """The weights of the Laplace draws: exact q density in u, Jacobian of the box, unnormalised posterior."""
+    theta, log_weights = start.laplace_log_weights(default_problem, default_laplace, n=2000, seed=3)
+    assert np.all(default_problem.inside(theta))
+    u = np.log((theta - default_problem.bounds[:, 0]) / (default_problem.bounds[:, 1] - theta))
+    from scipy.stats import multivariate_normal
+
+    log_q_u = multivariate_normal(default_laplace.u_map, default_laplace.u_cov).logpdf(u)
+    width = default_problem.bounds[:, 1] - default_problem.bounds[:, 0]
+    sigmoid = 1 / (1 + np.exp(-u))
+    log_jacobian = np.sum(np.log(width * sigmoid * (1 - sigmoid)), axis=1)
+    expected = default_problem.log_posterior(theta) + log_jacobian - log_q_u
+    np.testing.assert_allclose(log_weights, expected, rtol=1e-9, atol=1e-6)
+    # where the Laplace Gaussian is nearly exact, the weights are nearly flat: ESS close to 1
+    assert diagnostics.importance_ess(log_weights) > 0.95
