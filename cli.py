@@ -224,11 +224,15 @@ def fail_without_results(folder, message):
 
 def setup_run(args):
     """What every method needs before it starts: the problem, the output folder, the Laplace
-    approximation (a warning if its mode sits on a prior bound) and the exact reference posterior."""
+    approximation (a warning if its mode sits on a prior bound, or if the data barely constrain the
+    body) and the exact reference posterior."""
     problem = load_problem(args)
     out = prepare_output(args.out)
     laplace = forward.laplace_approximation(problem)
     warn_if_on_bound(laplace)
+    weak = forward.weak_data_warning(laplace)
+    if weak:
+        print(weak, file=sys.stderr)
     return problem, out, laplace, reference.compute_reference(problem, laplace)
 
 

@@ -455,8 +455,9 @@ class Laplace:
     of theta at the best fit (the box prior is flat). Otherwise the u-space Laplace mapped onto the
     box (``theta_map = box(u_map)``, covariance by the delta method): with the density free (the
     θ-space Hessian is singular along the mass ridge), with weak data (a θ-space Gaussian of
-    sd larger than the box describes nothing), and where the θ-space Hessian at the best fit is not
-    negative definite (a best fit pressed against a bound, or no peak at all).
+    sd larger than the box describes nothing), with a best fit pressed against a bound (``on_bound``:
+    the gradient there is not zero, and the posterior falls off from the bound over far less than the
+    Hessian's sd), and where the θ-space Hessian at the best fit is not negative definite.
 
     ``sd_fraction``: {name: sd of the u-space Laplace mapped onto the box / prior range} for every
     parameter. ``weak``: the data barely constrain the body, i.e. ``barely_constrained`` (the
@@ -571,10 +572,10 @@ def laplace_approximation(problem, n_starts=8, seed=0):
     box width of a bound is reported in ``on_bound`` (the prior box is then too tight). The posterior
     of u (Jacobian included) is peaked for any data, so its Laplace always exists; mapped onto the box
     by the delta method it also says how much the data constrain each parameter (``weak``, see
-    :class:`Laplace`). With the density known and the data not weak, theta's own Laplace at the best
-    fit is kept where its Hessian is negative definite. Data that no posterior can make sense of raise
-    DataError: a best fit on a bound that misses the data by many times the noise, and weak data that
-    scatter far less than the stated noise (see :data:`MISFIT_FACTOR`).
+    :class:`Laplace`). With the density known, the data not weak and the best fit inside the box,
+    theta's own Laplace at the best fit is kept where its Hessian is negative definite. Data that no
+    posterior can make sense of raise DataError: a best fit on a bound that misses the data by many
+    times the noise, and weak data that scatter far less than the stated noise (see :data:`MISFIT_FACTOR`).
     """
     rng = np.random.default_rng(seed)
     starts = [np.zeros(problem.dim)] + [rng.uniform(-2.0, 2.0, size=problem.dim) for _ in range(n_starts - 1)]
@@ -583,9 +584,9 @@ def laplace_approximation(problem, n_starts=8, seed=0):
     width = problem.bounds[:, 1] - problem.bounds[:, 0]
     near = np.minimum(best_fit - problem.bounds[:, 0], problem.bounds[:, 1] - best_fit) < 1e-3 * width
     # with the density free the ridge's ends lie on the bounds of R and drho by nature
-    checked = [not (problem.free_density and p in (RADIUS, DENSITY)) for p in problem.parameters]
-    _refuse_unexplained(problem, best_fit, [p.name for p, flag, check in zip(problem.parameters, near, checked)
-                                            if flag and check])
+    on_a_bound = [p.name for p, flag in zip(problem.parameters, near)
+                  if flag and not (problem.free_density and p in (RADIUS, DENSITY))]
+    _refuse_unexplained(problem, best_fit, on_a_bound)
 
     u_map = _minimise(problem, [u_best_fit], with_jacobian=True)
     u_cov = _covariance(-_hessian(lambda u: _log_posterior_u_and_gradient(problem, u, True)[1], u_map),
@@ -601,24 +602,24 @@ def laplace_approximation(problem, n_starts=8, seed=0):
     weak = bool(barely)
     if weak:
         _refuse_overstated_noise(problem, best_fit)
+    # where the data hardly see a parameter its best fit means nothing, on a bound or not
+    on_bound = tuple(name for name in on_a_bound if name not in barely)
 
+    # theta's Hessian at the best fit describes a peak only for informative data fitted inside the box:
+    # on a bound the gradient is not zero, and the posterior falls off from the bound much faster
     theta_cov = None
-    if not problem.free_density and not weak:
+    if not problem.free_density and not weak and not on_bound:
         def theta_gradient(theta):
             return _misfit_and_gradient(problem, np.clip(theta, problem.bounds[:, 0], problem.bounds[:, 1]))[1]
 
         theta_cov = _inverse_if_peaked(-_hessian(theta_gradient, best_fit))
     theta_peak = theta_cov is not None
-    if not theta_peak:
-        theta_cov = u_theta_cov
     return Laplace(
         theta_map=best_fit if theta_peak else u_theta_map,
-        theta_cov=theta_cov,
+        theta_cov=theta_cov if theta_peak else u_theta_cov,
         u_map=u_map,
         u_cov=u_cov,
-        # where the data hardly see a parameter its best fit means nothing, on a bound or not
-        on_bound=tuple(p.name for p, flag, check in zip(problem.parameters, near, checked)
-                       if flag and check and p.name not in barely),
+        on_bound=on_bound,
         theta_peak=theta_peak,
         weak=weak,
         barely_constrained=barely,

@@ -8,8 +8,8 @@ with trapezoid weights. Where the data barely constrain the body (``Laplace.weak
 close to the prior, with an edge where the spheres whose anomaly would stand out of the noise are ruled
 out), or where theta's Laplace is no peak (a best fit pressed against a bound), no Laplace window can be
 trusted: the grid then covers the whole prior box, and zooms in on where that grid finds probability
-until the window no longer shrinks (``SUPPORT_TAIL``, ``ZOOM_BELOW``). The anomaly factorises as ``g = R**3 * h(x0, z)``, so for every (x0, z) node
-the weighted sum of squares over all R is
+until the window no longer shrinks (``SUPPORT_TAIL``, ``ZOOM_BELOW``). The anomaly factorises as
+``g = R**3 * h(x0, z)``, so for every (x0, z) node the weighted sum of squares over all R is
 
     sum w (d - R^3 h)^2 = sum w d^2 - 2 R^3 (sum w d h) + R^6 (sum w h^2),
 
@@ -29,11 +29,11 @@ dR/dm = m**(-2/3) drho**(-1/3) / 3, and integrate drho out over the part of the 
 
 with k = 0 where b <= a (m outside [drho_lo R_lo^3, drho_hi R_hi^3]). With weak data the m axis spans
 that whole range, with nodes uniform in m^(1/3) (k(m) dm is then smooth and bounded per node, where on
-a uniform m grid the prior's m^(-2/3) would crowd a tenth of its mass into the first cell). For a negative contrast
-(both density bounds negative) m < 0 and every one of these formulas holds for |m|, |drho| and the
-box of |drho|. Trapezoid weights times L k on the (x0, z, m) grid give log Z (V, the Gaussian
-constant and all four parameters included) and the posterior of x0, z and m. On the ridge the
-conditionals are analytic:
+a uniform m grid the prior's m^(-2/3) would crowd a tenth of its mass into the first cell). For a
+negative contrast (both density bounds negative) m < 0 and every one of these formulas holds for
+|m|, |drho| and the box of |drho|. Trapezoid weights times L k on the (x0, z, m) grid give log Z (V,
+the Gaussian constant and all four parameters included) and the posterior of x0, z and m. On the
+ridge the conditionals are analytic:
 
     p(drho | m) = drho^(-1/3) / I(2/3)   on [a, b],
     p(R | m)    = 2 R^(-3) / (R1^-2 - R2^-2) ∝ R^(-3)   on [R1, R2] = [(m/b)^(1/3), (m/a)^(1/3)],
@@ -63,7 +63,8 @@ Scores: per parameter the Wasserstein-1 distance between a method's samples and 
 marginal, divided by the reference sd; *the error* of a run is the largest over the parameters.
 
 ``python reference.py`` prints the reference for the default problem;
-``python reference.py --density-bounds 1000 4000`` for the default data with the density unknown.
+``python reference.py --density-bounds 1000 4000`` for the default data with the density unknown;
+``python reference.py --noise 1e4`` for the default sphere buried in noise (weak data).
 """
 
 import argparse
@@ -705,24 +706,36 @@ def score(theta, reference):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Print the exact reference posterior of the default data.")
+    parser.add_argument("--noise", metavar="SIGMA", type=float, default=forward.DEFAULT_NOISE_SD,
+                        help="noise sd of the synthetic data in µGal (default: %(default)s; 1e4 buries the anomaly)")
     parser.add_argument("--density-bounds", nargs=2, type=float, metavar=("LO", "HI"), default=None,
                         help="treat the density contrast (kg/m³) as a fourth unknown, uniform on [LO, HI]")
     args = parser.parse_args(argv)
     try:
+        if not args.noise > 0:
+            raise forward.DataError(f"--noise must be > 0, got {args.noise:g}")
         density_bounds = forward.check_density_bounds(args.density_bounds, forward.DEFAULT_DENSITY)
     except forward.DataError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
     start = time.perf_counter()
-    problem = forward.synthetic_problem(density_bounds=density_bounds)
-    reference = compute_reference(problem)
+    problem = forward.synthetic_problem(noise_sd=args.noise, density_bounds=density_bounds)
+    laplace = forward.laplace_approximation(problem)
+    reference = compute_reference(problem, laplace)
     elapsed = time.perf_counter() - start
+    whole_box = laplace.weak or (not problem.free_density and not laplace.theta_peak)
+    window = ("over the whole prior box, zoomed in where the posterior lies" if whole_box
+              else f"±{WINDOW_SDS:g} sd" if problem.free_density else f"±{WINDOW_SDS:g} Laplace sd")
+    noise = "" if args.noise == forward.DEFAULT_NOISE_SD else f" with noise {args.noise:g} µGal"
     if problem.free_density:
-        print("Exact posterior of the default data with the density contrast unknown, uniform on [%g, %g] kg/m³\n"
-              "(grid quadrature over (x0, z, m = Δρ R³), %d^3 nodes, ±%g sd; R and Δρ along the ridge analytically):"
-              % (*density_bounds, GRID_POINTS, WINDOW_SDS))
+        print(f"Exact posterior of the default data{noise} with the density contrast unknown, uniform on "
+              f"[{density_bounds[0]:g}, {density_bounds[1]:g}] kg/m³\n(grid quadrature over (x0, z, m = Δρ R³), "
+              f"{GRID_POINTS}^3 nodes, {window}; R and Δρ along the ridge analytically):")
     else:
-        print("Exact posterior of the default problem (grid quadrature, %d^3 nodes, ±%g Laplace sd):" % (GRID_POINTS, WINDOW_SDS))
+        print(f"Exact posterior of the default problem{noise} (grid quadrature, {GRID_POINTS}^3 nodes, {window}):")
+    warning = forward.weak_data_warning(laplace)
+    if warning:
+        print(warning)
     print(f"{'':>4} {'truth':>8} {'mean':>10} {'sd':>10}")
     for name, truth, mean, sd in zip(problem.names, problem.truth, reference.mean, reference.sd):
         print(f"{name:>4} {truth:8.3f} {mean:10.5f} {sd:10.5f}")

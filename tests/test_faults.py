@@ -205,8 +205,11 @@ def test_a_second_ctrl_c_while_the_results_are_written_leaves_nothing_of_the_run
 # cli.interruptible its own), signals sent by the process to itself; only os._exit is replaced, by
 # a note of what it would leave behind. Figures are drawn but not rendered, to keep these fast.
 
-CHEAP = {"MCMC": (Gravity_MCMC.main, ["--iterations", "100000", "--burn-in", "200", "--samples", "300"], MCMC_FILES),
-         "planar": (Gravity_planar.main, ["--iterations", "100000", "--samples", "300"], FLOW_FILES)}
+#: method: (main, its options but --iterations, its files, short --iterations); a loop cut short by a
+#: first Ctrl-C is planned at INTERRUPTED_PLAN iterations, which it never reaches.
+CHEAP = {"MCMC": (Gravity_MCMC.main, ["--burn-in", "200", "--samples", "300"], MCMC_FILES, 1000),
+         "planar": (Gravity_planar.main, ["--samples", "300"], FLOW_FILES, 20)}
+INTERRUPTED_PLAN = 100_000
 
 
 class Quit(BaseException):
@@ -228,8 +231,8 @@ def in_process(monkeypatch):
 
     monkeypatch.setattr(output, "save_figure", save_figure)
 
-    def run(method, out):
-        main, options, _ = CHEAP[method]
+    def run(method, out, iterations=None):
+        main, options, _, short = CHEAP[method]
         left = {}
 
         def exit_at_once(status):
@@ -239,7 +242,7 @@ def in_process(monkeypatch):
         previous = signal.getsignal(signal.SIGINT)
         monkeypatch.setattr(os, "_exit", exit_at_once)
         try:
-            runner.run(main, [*options, "--quiet", "--out", str(out)])
+            runner.run(main, [*options, "--iterations", str(iterations or short), "--quiet", "--out", str(out)])
         except Quit:
             assert left["temporaries"] == []
             return left["status"], left["files"]
@@ -272,7 +275,7 @@ def ctrl_c_after_writing(monkeypatch, name):
 
 
 def earlier_result_of_another_method(method):
-    _, _, files = CHEAP[method]
+    files = CHEAP[method][2]
     return set(FLOW_FILES + MCMC_FILES) - set(files) | {"summary.json", "samples.npz"}
 
 
@@ -281,12 +284,12 @@ def test_a_first_ctrl_c_in_the_loop_gives_a_complete_result_marked_interrupted(m
                                                                                ctrl_c_in_the_loop):
     out = tmp_path / "out"
     plant_earlier_result(out, earlier_result_of_another_method(method))
-    status, files = in_process(method, out)
+    status, files = in_process(method, out, INTERRUPTED_PLAN)
     assert status == cli.EXIT_INTERRUPTED
     assert files == set(CHEAP[method][2]), "this run's files, all of them, and no other run's"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["method"] == method
-    assert 1 <= summary["iterations"] < 100_000
+    assert 1 <= summary["iterations"] < INTERRUPTED_PLAN
     assert (out / "notes.txt").exists()
 
 
@@ -302,7 +305,7 @@ def test_a_ctrl_c_while_the_results_are_written_leaves_nothing_of_the_run(method
     if first_in_the_loop:
         request.getfixturevalue("ctrl_c_in_the_loop")
     ctrl_c_after_writing(monkeypatch, moment)
-    status, files = in_process(method, out)
+    status, files = in_process(method, out, INTERRUPTED_PLAN if first_in_the_loop else None)
     assert (status, files) == (cli.EXIT_INTERRUPTED, set())
     assert (out / "notes.txt").exists()
 

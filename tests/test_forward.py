@@ -190,6 +190,7 @@ def test_mode_on_a_bound_is_reported():
     tight = forward.synthetic_problem(bounds=((0, 10), (1, 5.5), (0.5, 5)))
     laplace = forward.laplace_approximation(tight)
     assert laplace.on_bound == ("z",)
+    assert not laplace.theta_peak and not laplace.weak  # theta's Hessian on the bound describes no peak
 
 
 def test_read_profile_sorts_and_reads_sigma(tmp_path):

@@ -253,3 +253,10 @@ def test_adaptive_metropolis_from_the_prior_matches_the_reference(weak):
     assert reference.score(theta, result)["error"] < 0.08
     assert np.all(np.abs(theta.mean(axis=0) - result.mean) < 0.08 * result.sd)
 
+
+
+def test_command_line_prints_the_weak_reference(capsys):
+    reference.main(["--noise", "1e4"])
+    text = capsys.readouterr().out
+    assert "with noise 10000 µGal" in text and "over the whole prior box" in text
+    assert "warning: the data barely constrain the body" in text and "log evidence: -10618.58" in text
