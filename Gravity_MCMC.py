@@ -18,7 +18,9 @@ that keeps ``L`` defined if the chains have not moved). At the end of the burn-i
 the kept steps are an exact Metropolis–Hastings chain with one symmetric proposal, whatever the
 adaptation did (it only chose that proposal). This is what crosses the mass ridge of a free
 density contrast (``--density-bounds``): the Laplace covariance is the ridge's tangent at the mode,
-the chains' covariance spans its whole curved length.
+the chains' covariance spans its whole curved length. A fixed Gaussian still follows the curve only
+by rare long jumps (acceptance about 2 %, autocorrelation time about 500 steps for R and Δρ, against
+10 on the default problem), hence the ridge's long default run.
 
 Two starts (``--init``; ``auto``, the default, picks one by the Laplace Gaussian's importance
 diagnostics, see ``start.py``):
@@ -27,19 +29,22 @@ diagnostics, see ``start.py``):
   with the Laplace covariance scaled by 2.38²/d;
 * ``prior``: the first chain starts at the original's (5.5, 8.5, 4.5) (and the centre of the density
   range), the others at draws from the prior, with the original's isotropic proposal of 0.01 m
-  (for the density, the same fraction of its range). With the density known this is the
-  original's run exactly (one chain, 100000 + 20000 iterations, no adaptation); with a free
-  density, which the original never had, 24 chains adapt their proposal during the burn-in.
+  (for the density, the same fraction of its range). With the density known and data that
+  constrain the body this is the original's run exactly (one chain, 100000 + 20000 iterations, no
+  adaptation). Where that run cannot work — a free density's mass ridge, which the original never
+  had, or weak data whose posterior spans the prior box — 24 chains adapt their proposal during
+  the burn-in.
 
 ``--chains N`` runs N chains at once, vectorised over chains (one numpy operation per step for all
 of them). Diagnostics: acceptance rate, integrated autocorrelation time and ESS per parameter
 (Sokal's automatic window), split R-hat with two or more chains; a run whose split R-hat exceeds
-``RHAT_LIMIT`` or whose smallest ESS is below ``ESS_LIMIT`` is reported as not converged
-(Vehtari, Gelman, Simpson, Carpenter & Bürkner 2021).
+1.01 or whose smallest ESS is below 400 is reported as not converged (Vehtari, Gelman, Simpson,
+Carpenter & Bürkner 2021).
 
-References: Metropolis et al. (1953); Hastings (1970); Haario, Saksman & Tamminen, Bernoulli 7
-(2001) 223–242; Roberts & Rosenthal, J. Comput. Graph. Stat. 18 (2009) 349–367 (adaptation
-during burn-in, pooled covariance); Gelman et al., Bayesian Data Analysis (2013).
+References: Metropolis et al. (1953); Hastings (1970); Gelman, Roberts & Gilks, Bayesian Statistics 5
+(1996) 599–607; Haario, Saksman & Tamminen, Bernoulli 7 (2001) 223–242; Roberts & Rosenthal,
+J. Comput. Graph. Stat. 18 (2009) 349–367 (examples of adaptive Metropolis); Gelman et al., Bayesian
+Data Analysis, 3rd ed. (2013); Vehtari et al., Bayesian Analysis 16 (2021) 667–718 (R-hat, ESS limits).
 """
 
 import argparse
@@ -215,8 +220,10 @@ def initial_states(args, problem, laplace, init, rng):
 #:   computed and the steps few (a step of eight chains costs little more than one of four). The Laplace
 #:   covariance is already close on a nearly Gaussian posterior (τ about 10 steps); the adaptation only
 #:   refines it, and changes neither τ nor the error there.
-#: - "original" (--init prior with the density known): the original's run exactly.
-#: - "prior, free density": chains from the prior find the mass ridge within about 2000 steps; the
+#: - "original" (--init prior where the original's run can work: the density known and data that
+#:   constrain the body): the original's run exactly.
+#: - "prior" (from the prior elsewhere: the mass ridge of a free density, weak data): chains from the
+#:   prior find the ridge within about 2000 steps; the
 #:   second half of a 10000-step burn-in pooled over 24 chains learns the ridge's covariance well.
 #:   A fixed Gaussian proposal still follows the curved ridge only by rare long jumps (acceptance
 #:   about 2 %, τ about 500 steps for R and drho), so split R-hat < 1.01 needs chains of some 200 τ
@@ -225,16 +232,18 @@ DEFAULTS = {
     "laplace": {"chains": 8, "iterations": 12_500, "burn_in": 1_000, "proposal_scale": 1.0, "adapt": True},
     "original": {"chains": 1, "iterations": 100_000, "burn_in": 20_000, "proposal_scale": ORIGINAL_PROPOSAL_SCALE,
                  "adapt": False},
-    "prior, free density": {"chains": 24, "iterations": 100_000, "burn_in": 10_000,
+    "prior": {"chains": 24, "iterations": 100_000, "burn_in": 10_000,
                             "proposal_scale": ORIGINAL_PROPOSAL_SCALE, "adapt": True},
 }
 
 
-def defaults_key(init, problem):
-    """Which :data:`DEFAULTS` a run from the start ``init`` ("laplace" or "prior") gets on ``problem``."""
+def defaults_key(init, problem, laplace):
+    """Which :data:`DEFAULTS` a run from the start ``init`` ("laplace" or "prior") gets: from the prior, the
+    original's run where it can work (the density known, data that constrain the body), adaptive chains
+    elsewhere (its single chain and 0.01 m steps would not cross a mass ridge or a prior-wide posterior)."""
     if init == "laplace":
         return "laplace"
-    return "prior, free density" if problem.free_density else "original"
+    return "prior" if problem.free_density or laplace.weak else "original"
 
 
 def _choices(name, unit=""):
@@ -244,8 +253,8 @@ def _choices(name, unit=""):
 def build_parser():
     parser = cli.common_parser(__doc__, "MCMC", default_samples=10_000)
     group = parser.add_argument_group(
-        "sampler (defaults depend on the start: laplace | prior with the density known, the original's run | "
-        "prior with --density-bounds)")
+        "sampler (defaults depend on the start: laplace | prior with the density known and data that constrain "
+        "the body: the original's run | prior otherwise: with --density-bounds or weak data)")
     group.add_argument("--chains", type=cli.positive_int, help=f"chains run together (default: {_choices('chains')})")
     group.add_argument("--iterations", type=cli.positive_int,
                        help=f"kept iterations per chain (default: {_choices('iterations')})")
@@ -264,9 +273,10 @@ def build_parser():
     return parser
 
 
-def resolve_defaults(args, init, problem):
-    """Fill in the options that depend on the start (``init``: "laplace" or "prior") and return args."""
-    for name, value in DEFAULTS[defaults_key(init, problem)].items():
+def resolve_defaults(args, init, problem, laplace):
+    """Fill in the options that depend on the start (``init``: "laplace" or "prior", see :func:`defaults_key`)
+    and return args."""
+    for name, value in DEFAULTS[defaults_key(init, problem, laplace)].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.samples = min(args.samples, args.iterations * args.chains)
@@ -299,7 +309,7 @@ def main(argv=None):
         cli.check_start(args.start, cli.load_problem(args))
         problem, out, laplace, reference = cli.setup_run(args)
         chosen = start_module.choose_start(args.init, problem, laplace)
-        resolve_defaults(args, chosen.init, problem)
+        resolve_defaults(args, chosen.init, problem, laplace)
         print(f"start: {chosen.init} ({chosen.reason}); {args.chains} chain{'s' if args.chains > 1 else ''}, "
               f"{args.burn_in} burn-in steps " + (f"adapting the proposal every {ADAPT_EVERY}" if args.adapt else
                                                   "with a fixed proposal") + f", {args.iterations} kept",

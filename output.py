@@ -26,7 +26,7 @@ import numpy as np
 RUN_FILES = ("summary.json", "samples.npz", "marginals.png", "pairs.png", "predictive_check.png",
              "elbo.png", "trace.png", "autocorrelation.png", "misfit.png")
 #: Every file name a result is made of: a run's, and a comparison's or a sweep's (compare.py, sweep.py).
-RESULT_FILES = RUN_FILES + ("table.md", "table.csv", "cost_accuracy.png")
+RESULT_FILES = RUN_FILES + ("table.md", "table.csv", "cost_accuracy.png", "convergence.png")
 #: The file written last into a result's folder, whose arrival makes the result complete.
 COMPLETING_FILES = ("summary.json", "table.md")
 

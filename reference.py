@@ -104,6 +104,17 @@ def _trapezoid_weights(nodes):
     return weights
 
 
+def _cell_mass(log_density, weights):
+    """Probability of each cell of a 3-D grid: the density times the trapezoid weights, over their sum.
+
+    The sum is 1 but for the rounding of log Z, about 1e-16 |log Z|. With tiny noise |log Z| reaches
+    1e4, and the 1e-12 left would move the mean of x0 (3 m) by 3e-12 m, 2 % of its sd at noise 1e-8 µGal.
+    """
+    w0, w1, w2 = weights
+    mass = np.exp(log_density) * w0[:, None, None] * w1[None, :, None] * w2[None, None, :]
+    return mass / mass.sum()
+
+
 class ExactReference:
     """What every exact reference offers, whatever grid it is computed on.
 
@@ -152,9 +163,8 @@ class Reference(ExactReference):
 
     @cached_property
     def cell_mass(self):
-        """Probability of each grid cell (density times the trapezoid weights); sums to 1."""
-        w0, w1, w2 = self.weights
-        return np.exp(self.log_density) * w0[:, None, None] * w1[None, :, None] * w2[None, None, :]
+        """Probability of each grid cell (:func:`_cell_mass`); sums to 1."""
+        return _cell_mass(self.log_density, self.weights)
 
     def __post_init__(self):
         mass = self.cell_mass
@@ -296,7 +306,9 @@ def _ridge_axis(low, high, edge_zones):
         if zone_high > zone_low:
             parts.append(np.linspace(zone_low, zone_high, RIDGE_EDGE_POINTS))
     nodes = np.unique(np.concatenate(parts))
-    keep = np.concatenate([[True], np.diff(nodes) > 1e-9 * (high - low)])
+    # nodes a few thousand roundings apart are one (a zone's end on a uniform node); with tiny noise an
+    # edge zone is itself only ~1e-7 of the magnitude wide, so nothing coarser may be merged
+    keep = np.concatenate([[True], np.diff(nodes) > 1e-12 * high])
     return nodes[keep]
 
 
@@ -326,9 +338,8 @@ class RidgeReference(ExactReference):
 
     @cached_property
     def cell_mass(self):
-        """Probability of each (x0, z, m) grid cell; sums to 1."""
-        w0, w1, w2 = self.weights
-        return np.exp(self.log_density) * w0[:, None, None] * w1[None, :, None] * w2[None, None, :]
+        """Probability of each (x0, z, m) grid cell (:func:`_cell_mass`); sums to 1."""
+        return _cell_mass(self.log_density, self.weights)
 
     @property
     def magnitudes(self):
@@ -548,24 +559,45 @@ def _zoom_to_support(grid_reference, low, high):
     return result
 
 
+def _sum_of_squares(problem, x0, z, amplitude, density):
+    """sum w (d - a h)^2 at every node (x0, z, a) of the grid ``x0`` × ``z`` × ``amplitude``: (n0, nz, na).
+
+    h(x0, z) is the anomaly of a sphere of unit radius and contrast ``density``, so that g = a h with
+    a = R^3 (density known) or a = m = drho R^3 (``density`` 1). Per (x0, z) node, with the best
+    amplitude c = sum w d h / sum w h^2 and its residuals r = d - c h computed station by station,
+
+        sum w (d - a h)^2 = sum w r^2 + (a - c)^2 sum w h^2,
+
+    since sum w h r = 0. Every term is as small as the sum itself. Expanded about a = 0 instead
+    (sum w d^2 - 2 a sum w d h + a^2 sum w h^2) the terms reach sum w d^2, while their sum stays
+    near the number of stations: with tiny noise (w = 1e12 µGal^-2, sum w d^2 ~ 1e16) the
+    cancellation left rounding errors of nats, a posterior of noise. Rounding still leaves
+    sum w h r ~ eps c sum w h^2, which the identity drops: an error of |a - c| times that, about eps
+    times the signal-to-noise ratio of the amplitude per sd of a, the order of the rounding of r itself.
+    """
+    root_w = np.sqrt(problem.weights)
+    data = problem.g_obs * root_w
+    shape = (x0.size, z.size)
+    best, floor, curvature = np.empty(shape), np.empty(shape), np.empty(shape)
+    # h at every station, one x0 row at a time to bound memory: (nz, n_stations) per row
+    for i, x0_value in enumerate(x0):
+        h = forward.sphere_anomaly(problem.stations, np.stack(np.broadcast_arrays(x0_value, z, 1.0), axis=-1), density)
+        h *= root_w
+        curvature[i] = np.einsum("ks,ks->k", h, h)
+        best[i] = h @ data / curvature[i]
+        residual = np.subtract(data, best[i][:, None] * h)
+        floor[i] = np.einsum("ks,ks->k", residual, residual)
+    offset = amplitude[None, None, :] - best[:, :, None]
+    return floor[:, :, None] + curvature[:, :, None] * offset**2
+
+
 def _theta_grid_reference(problem, low, high, grid_points):
     """The :class:`Reference` on a ``grid_points``³ grid over the window (low, high) of theta = (x0, z, R)."""
     nodes = [np.linspace(lo, hi, grid_points) for lo, hi in zip(low, high)]
     weights = [_trapezoid_weights(n) for n in nodes]
 
-    w = problem.weights
-    d = problem.g_obs
     x0, z, radius = nodes
-    # h(x0, z) at every station, one x0 row at a time to bound memory: (nz, n_stations) per row
-    inner_dh = np.empty((grid_points, grid_points))
-    inner_hh = np.empty((grid_points, grid_points))
-    for i, x0_value in enumerate(x0):
-        theta_unit = np.stack([np.full_like(z, x0_value), z, np.ones_like(z)], axis=1)
-        h = forward.sphere_anomaly(problem.stations, theta_unit, problem.density)
-        inner_dh[i] = h @ (w * d)
-        inner_hh[i] = (h * h) @ w
-    r3 = radius**3
-    sum_squares = np.sum(w * d * d) - 2.0 * inner_dh[:, :, None] * r3 + inner_hh[:, :, None] * r3**2
+    sum_squares = _sum_of_squares(problem, x0, z, radius**3, problem.density)
     log_joint = -0.5 * sum_squares + problem.log_likelihood_constant + problem.log_prior_density
 
     log_cell = np.log(weights[0])[:, None, None] + np.log(weights[1])[None, :, None] + np.log(weights[2])[None, None, :]
@@ -664,15 +696,8 @@ def _ridge_grid_reference(problem, box, low, high, grid_points, cube_root_mass=F
         nodes[2][[0, -1]] = low[2], high[2]  # exactly the window's ends, whatever the rounding of cube and root
     weights = [_trapezoid_weights(n) for n in nodes]
 
-    w, d = problem.weights, problem.g_obs
     x0, z, mass = nodes
-    inner_dh = np.empty((grid_points, grid_points))
-    inner_hh = np.empty((grid_points, grid_points))
-    for i, x0_value in enumerate(x0):
-        h = _unit_anomaly(problem, x0_value, z)
-        inner_dh[i] = h @ (w * d)
-        inner_hh[i] = (h * h) @ w
-    sum_squares = np.sum(w * d * d) - 2.0 * inner_dh[:, :, None] * mass + inner_hh[:, :, None] * mass**2
+    sum_squares = _sum_of_squares(problem, x0, z, mass, 1.0)
     log_joint = -0.5 * sum_squares + problem.log_likelihood_constant + problem.log_prior_density
     log_mass_factor = box.log_mass_factor(np.abs(mass))
 

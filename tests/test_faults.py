@@ -249,6 +249,7 @@ def in_process(monkeypatch):
         except SystemExit as exit_:
             return exit_.code, result_files(out)
         finally:
+            plt.close("all")  # a figure being drawn when the run quit was never closed
             assert signal.getsignal(signal.SIGINT) is previous  # runner.run put it back
         raise AssertionError("runner.run neither exited nor quit")
 
@@ -374,6 +375,21 @@ def test_a_result_is_discarded_until_its_last_file_is_written(tmp_path, unfinish
     output.write_json(tmp_path / "run" / "later.json", {})  # not part of it, and not recorded
     assert output.discard_unfinished() == []
     assert {"samples.npz", "summary.json", "later.json"} <= {path.name for path in run.iterdir()}
+
+
+def test_every_file_a_module_writes_into_an_output_folder_is_a_known_result_file():
+    """begin_result removes an earlier result by its files' names: a new output file must be named in RESULT_FILES."""
+    import ast
+
+    named = set()
+    for path in ROOT.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
+                    and str(node.right.value).endswith((".png", ".json", ".npz", ".md", ".csv"))):
+                named.add(node.right.value)  # out / "summary.json", folder / "table.md", ...
+    assert {"summary.json", "elbo.png", "trace.png", "table.md"} <= named
+    assert named <= set(output.RESULT_FILES)
+    assert set(output.COMPLETING_FILES) <= set(output.RESULT_FILES)
 
 
 def test_a_table_completes_a_comparison_or_a_sweep(tmp_path, unfinished):

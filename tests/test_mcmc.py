@@ -2,6 +2,7 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -210,11 +211,18 @@ def test_original_settings_run_with_one_chain_and_no_adaptation_and_a_short_run_
     assert lines == [summary["convergence_warning"]]
 
 
-def test_original_defaults_with_the_density_known():
+@pytest.mark.parametrize("free_density, weak, expected", [
+    (False, False, (1, 100_000, 20_000, 0.01, False)),  # the original's run
+    (True, False, (24, 100_000, 10_000, 0.01, True)),  # the mass ridge
+    (False, True, (24, 100_000, 10_000, 0.01, True)),  # a posterior as wide as the prior box
+])
+def test_defaults_from_the_prior_are_the_original_s_run_only_where_it_can_work(free_density, weak, expected):
     args = mcmc.build_parser().parse_args(["--init", "prior"])
-    problem = type("Known", (), {"free_density": False})()
-    mcmc.resolve_defaults(args, "prior", problem)
-    assert (args.chains, args.iterations, args.burn_in, args.proposal_scale, args.adapt) == (1, 100_000, 20_000, 0.01, False)
+    problem, laplace = SimpleNamespace(free_density=free_density), SimpleNamespace(weak=weak)
+    mcmc.resolve_defaults(args, "prior", problem, laplace)
+    assert (args.chains, args.iterations, args.burn_in, args.proposal_scale, args.adapt) == expected
+    args = mcmc.resolve_defaults(mcmc.build_parser().parse_args(["--chains", "3"]), "prior", problem, laplace)
+    assert args.chains == 3  # an option given is never overridden
 
 
 #: A short run on the mass ridge (the default 24 chains, 5000 burn-in + 8000 kept steps, a twelfth of the
@@ -232,7 +240,7 @@ def test_free_density_run_crosses_the_ridge(tmp_path, capsys):
     assert summary["parameters"] == ["x0", "z", "R", "drho"] and summary["settings"]["density_bounds"] == [1000, 4000]
     # --init auto: the Laplace Gaussian is the ridge's tangent only, so the chains start from the prior
     assert summary["start"]["init"] == "prior" and summary["settings"]["adapt"]
-    assert summary["chains"] == mcmc.DEFAULTS["prior, free density"]["chains"]
+    assert summary["chains"] == mcmc.DEFAULTS["prior"]["chains"]
     assert summary["error"] <= RIDGE_TOLERANCE
     # the adapted proposal spans the ridge: its R-drho correlation is strongly negative, its drho sd hundreds of kg/m³
     covariance = np.array(summary["adapted_covariance"])
