@@ -55,9 +55,11 @@ import numpy as np
 from tqdm import tqdm
 
 import cli
+import convergence
 import diagnostics
 import figures
 import forward
+import reference as reference_module
 import report
 import runner
 import start as start_module
@@ -66,6 +68,8 @@ ORIGINAL_START = (5.5, 8.5, 4.5)
 ORIGINAL_PROPOSAL_SCALE = 0.01
 #: Steps between two re-estimates of the proposal covariance during the burn-in.
 ADAPT_EVERY = 200
+#: States scored at each checkpoint (thinned evenly from every chain's kept states so far).
+CHECKPOINT_DRAWS = 20_000
 #: The regulariser's share of the first proposal's variance, per coordinate (Haario et al.'s epsilon).
 REGULARISER = 1e-6
 #: A run is reported as not converged above this split R-hat or below this smallest ESS
@@ -99,6 +103,7 @@ class Sampled:
     adapted_covariance: np.ndarray
     adaptations: int
     likelihood_evaluations: int
+    seconds: float = None  # sampling time, less the time spent scoring at checkpoints
 
 
 def _steps(problem, current, current_log_post, proposal_chol, chains, log_posterior, rng, bar, stop):
@@ -136,7 +141,7 @@ def adapted_proposal(states, scale, regulariser):
 
 
 def sample(problem, starts, proposal_chol, burn_in, iterations, rng, adapt=True, scale=None, adapt_every=ADAPT_EVERY,
-           progress=False, stop=None):
+           progress=False, stop=None, checkpoints=(), on_checkpoint=None):
     """Run ``len(starts)`` chains of random-walk Metropolis–Hastings together: ``burn_in`` steps, adapting
     the proposal every ``adapt_every`` steps if ``adapt``, then ``iterations`` kept steps with the last
     proposal fixed.
@@ -144,7 +149,11 @@ def sample(problem, starts, proposal_chol, burn_in, iterations, rng, adapt=True,
     ``starts``: (n_chains, dim) inside the box; ``proposal_chol``: (dim, dim) Cholesky factor of the
     first proposal covariance; ``scale``: the factor on the chains' covariance (default 2.38²/d).
     Returns a :class:`Sampled`; a run stopped by ``stop.interrupted`` returns the steps it made.
+    After each number of kept steps listed in ``checkpoints``, ``on_checkpoint(kept_chains, seconds,
+    evaluations)`` is called with the kept states so far, the sampling time so far (the callback's
+    own time is not counted) and the likelihood evaluations so far.
     """
+    clock = convergence.Clock()
     current = np.array(starts, dtype=float)
     n_chains, dim = current.shape
     current_log_post = problem.log_posterior(current)
@@ -173,13 +182,23 @@ def sample(problem, starts, proposal_chol, burn_in, iterations, rng, adapt=True,
             if chol is not None:
                 proposal_chol, adapted_covariance, adaptations = chol, covariance, adaptations + 1
     accepted = np.zeros(n_chains)
-    if done == burn_in:  # the kept steps: one fixed proposal, an exact Metropolis–Hastings chain
-        steps, accepted, count = _steps(problem, current, current_log_post, proposal_chol, chains[done:],
-                                        log_posterior[done:], rng, bar, stop)
-        done, evaluations = done + steps, evaluations + count
+    # the kept steps: one fixed proposal, an exact Metropolis–Hastings chain (in segments between checkpoints)
+    ends = sorted({burn_in + k for k in checkpoints if 0 < k < iterations} | {total})
+    for end in ends:
+        if done < burn_in:  # interrupted during the burn-in
+            break
+        steps, segment_accepted, count = _steps(problem, current, current_log_post, proposal_chol, chains[done:end],
+                                                log_posterior[done:end], rng, bar, stop)
+        done, evaluations, accepted = done + steps, evaluations + count, accepted + segment_accepted
+        if done < end:  # interrupted
+            break
+        if on_checkpoint is not None and done - burn_in in checkpoints:
+            seconds = clock.seconds()
+            with clock.paused():
+                on_checkpoint(chains[burn_in:done], seconds, evaluations)
     bar.close()
     return Sampled(chains[:done], log_posterior[:done], burn_in, accepted, proposal_chol, adapted_covariance,
-                   adaptations, int(evaluations))
+                   adaptations, int(evaluations), clock.seconds())
 
 
 def metropolis_hastings(problem, starts, proposal_chol, n_steps, rng, progress=False, stop=None):
@@ -270,6 +289,10 @@ def build_parser():
     group.add_argument("--start", type=cli.finite_float, nargs="+", metavar="VALUE",
                        help=f"start of the first chain, one value per unknown: X0 Z R [DRHO] "
                             f"(default: near the MAP | {ORIGINAL_START} and the centre of --density-bounds)")
+    group.add_argument("--checkpoints", type=cli.nonnegative_int, default=0, metavar="N",
+                       help="score the kept states so far against the exact reference at N points spaced geometrically "
+                            "over the kept steps (not counted in the sampling time), for summary.json's 'convergence' "
+                            "and compare.py's convergence figure (default: %(default)s)")
     return parser
 
 
@@ -318,9 +341,17 @@ def main(argv=None):
         rng = np.random.default_rng(args.seed)
         starts, proposal_chol = initial_states(args, problem, laplace, chosen.init, rng)
         scale = optimal_scale(problem.dim) * (args.proposal_scale**2 if chosen.init == "laplace" else 1.0)
-        with cli.interruptible("sampling") as stop, cli.Timer() as sampling:
+        recorder = convergence.Recorder()
+
+        def score_now(kept_so_far, seconds, evaluations):
+            error = reference_module.score(thin(kept_so_far, CHECKPOINT_DRAWS), reference)["error"]
+            recorder.add(kept_so_far.shape[0], seconds, chosen.likelihood_evaluations + evaluations, error, stage="sampling")
+
+        with cli.interruptible("sampling") as stop:
             run = sample(problem, starts, proposal_chol, args.burn_in, args.iterations, rng, adapt=args.adapt,
-                         scale=scale, progress=not args.quiet, stop=stop)
+                         scale=scale, progress=not args.quiet, stop=stop,
+                         checkpoints=convergence.checkpoint_iterations(args.iterations, args.checkpoints),
+                         on_checkpoint=score_now)
         chains = run.chains
         burn_in = min(args.burn_in, chains.shape[0] // 2)  # an interrupted run keeps its second half at least
         kept = chains[burn_in:]
@@ -357,10 +388,14 @@ def main(argv=None):
             "adapted_covariance": None if run.adapted_covariance is None else run.adapted_covariance.tolist(),
             "proposal_covariance": (run.proposal_chol @ run.proposal_chol.T).tolist(),
             "likelihood_evaluations": chosen.likelihood_evaluations + run.likelihood_evaluations,
-            "sampling_time_s": sampling.seconds,
-            "ess_per_s": float(np.min(ess) / sampling.seconds),
-            "time_per_iteration_ms": 1e3 * sampling.seconds / chains.shape[0],
+            "sampling_time_s": run.seconds,
+            "ess_per_s": float(np.min(ess) / run.seconds),
+            "time_per_iteration_ms": 1e3 * run.seconds / chains.shape[0],
         }
+        recorder.add(kept.shape[0], run.seconds, results["likelihood_evaluations"],
+                     reference_module.score(theta, reference)["error"], stage="final")
+        results["convergence"] = recorder.points
+        results["cost_s"] = run.seconds
         # noise-weighted RMS misfit sqrt(chi²/n) from the log-likelihood: sum((r/sigma)^2) = -2 misfit
         misfit = run.log_posterior - problem.log_prior_density - problem.log_likelihood_constant
         rms = np.sqrt(np.maximum(-2.0 * misfit, 0.0) / problem.n_stations)

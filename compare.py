@@ -214,9 +214,9 @@ def time_per_iteration(methods, problem, laplace, device_name="cpu", iterations=
     seconds = {name: [] for name in models}
     for _ in range(repeats):
         for name, (model, args) in models.items():
-            start = time.perf_counter()
+            began = time.perf_counter()
             train(model, args, iterations)
-            seconds[name].append((time.perf_counter() - start) / iterations)
+            seconds[name].append((time.perf_counter() - began) / iterations)
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 

@@ -13,6 +13,8 @@ stays at or below the level until the end of the run (a single lucky dip does no
 """
 
 import math
+import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -54,3 +56,27 @@ def cost_to_reach(points, level=ERROR_LEVEL):
         elif reached is None:
             reached = point
     return (None, None) if reached is None else (reached["seconds"], reached["evaluations"])
+
+
+class Clock:
+    """A method's own clock: wall time since it started, less the pauses (scoring at checkpoints).
+
+    ``synchronize``: called before each reading, e.g. to wait for a GPU's queued work."""
+
+    def __init__(self, synchronize=None):
+        self.synchronize = synchronize
+        self.start = time.perf_counter()
+        self.paused_for = 0.0
+
+    def seconds(self):
+        if self.synchronize is not None:
+            self.synchronize()
+        return time.perf_counter() - self.start - self.paused_for
+
+    @contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_for += time.perf_counter() - began

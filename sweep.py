@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 import cli
+import convergence
 import figures
 import output
 import reference as reference_module
@@ -60,7 +61,10 @@ def script_parser(main):
 #: (key, markdown header, format) of every column a run table can have; CSV headers are the keys.
 COLUMNS = (
     ("method", "method", "{}"),
+    ("start", "start", "{}"),
     ("error", "error (max W1/sd)", "{:.4f}"),
+    ("vi_error", "flow alone, before refining", "{:.4f}"),
+    ("refined_khat", "refine k-hat", "{:.2f}"),
     ("kl", "KL (nats)", "{:.4f}"),
     ("is_ess_percent", "IS ESS (%)", "{:.1f}"),
     ("khat", "k-hat", "{:.2f}"),
@@ -71,6 +75,8 @@ COLUMNS = (
     ("train_time_s", "train/sample time (s)", "{:.1f}"),
     ("time_per_iteration_ms", "time/iteration (ms)", "{:.2f}"),
     ("cost_ratio", "cost ratio vs bare flow", "{:.2f}"),
+    ("time_to_error_0.05_s", "time to error 0.05 (s)", "{:.1f}"),
+    ("evaluations_to_error_0.05", "evaluations to error 0.05", "{:d}"),
     ("status", "status", "{}"),
 )
 
@@ -79,9 +85,15 @@ def summary_row(summary):
     """The table row of one run, from its summary.json; None where the number does not apply."""
     rhat = summary.get("rhat")
     is_ess = summary.get("is_ess")
+    seconds, evaluations = convergence.cost_to_reach(summary.get("convergence") or [])
     return {
         "method": summary["method"],
+        "start": (summary.get("start") or {}).get("init"),
         "error": summary.get("error"),
+        "vi_error": (summary.get("vi") or {}).get("error"),
+        "refined_khat": (summary.get("refine") or {}).get("khat"),
+        "time_to_error_0.05_s": seconds,
+        "evaluations_to_error_0.05": evaluations,
         "kl": summary.get("kl"),
         "is_ess_percent": None if is_ess is None else 100.0 * is_ess,
         "khat": summary.get("khat"),

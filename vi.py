@@ -23,8 +23,6 @@ Pareto k-hat of PSIS, Vehtari et al. 2024).
 
 import math
 import sys
-import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -148,7 +146,7 @@ def train(model, log_likelihood, log_prior, iterations, batch, lr, clip_norm=Non
     device = next(model.parameters()).device
     history = torch.empty(iterations, dtype=torch.float64, device=device)
     bar = tqdm(range(iterations), desc="training", disable=not progress, mininterval=0.5, file=sys.stderr)
-    clock = _Clock(device)
+    clock = convergence.Clock(lambda: torch.cuda.synchronize(device) if device.type == "cuda" else None)
     done = iterations
     for iteration in bar:
         try:
@@ -196,28 +194,6 @@ def _check_finite(history, done, iterations):
         first = int((~finite).nonzero()[0, 0])
         raise TrainingDiverged(f"training diverged at iteration {first + 1} of {iterations} "
                                f"(the ELBO is {history[first].item()})")
-
-
-class _Clock:
-    """Training time with pauses (checkpoint scoring is not training); waits for the GPU before each reading."""
-
-    def __init__(self, device):
-        self.device = device
-        self.start = time.perf_counter()
-        self.paused_for = 0.0
-
-    def seconds(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter() - self.start - self.paused_for
-
-    @contextmanager
-    def paused(self):
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.paused_for += time.perf_counter() - began
 
 
 @torch.no_grad()

@@ -2,9 +2,67 @@
 
 import numpy as np
 import pytest
+from scipy.special import logsumexp
 
 import forward
 import reference
+
+#: Noise (µGal) at which w = 1e12 and sum w d^2 ~ 4e16: the posterior is a Gaussian of sd 3e-8 m in x0.
+TINY_NOISE = 1e-6
+
+
+@pytest.fixture(scope="module", params=[TINY_NOISE, 1e-8], ids=["noise-1e-6", "noise-1e-8"])
+def tiny_noise(request):
+    """The default sphere at tiny noise; at 1e-8 µGal |log Z| ~ 2e4 leaves the grid's total mass 1 only to
+    ~4e-12, which unnormalised would shift the mean of x0 (3 m) by 2 % of its sd (3e-10 m)."""
+    problem = forward.synthetic_problem(noise_sd=request.param)
+    laplace = forward.laplace_approximation(problem)
+    return problem, laplace, reference.compute_reference(problem, laplace)
+
+
+def gaussian_draws(mean, covariance, n, rng):
+    """n draws from N(mean, covariance) and their log densities."""
+    cholesky = np.linalg.cholesky(covariance)
+    standard = rng.standard_normal((n, mean.size))
+    log_density = (-0.5 * np.sum(standard**2, axis=1) - np.sum(np.log(np.diag(cholesky)))
+                   - 0.5 * mean.size * np.log(2 * np.pi))
+    return mean + standard @ cholesky.T, log_density
+
+
+def importance_sampling(theta, log_target, log_proposal):
+    """Self-normalised importance sampling of draws ``theta`` (n, dim) from a proposal: the mean and sd of
+    the target, their standard errors, the effective sample size, and log Z = log E_q[target / q] with its
+    standard error (delta method: se(log mean) = sd / (sqrt(n) mean), and the mean of w n is 1)."""
+    log_ratio = log_target - log_proposal
+    weights = np.exp(log_ratio - log_ratio.max())
+    weights /= weights.sum()
+    n = weights.size
+    mean = weights @ theta
+    centred = theta - mean
+    variance = weights @ centred**2
+    return {
+        "mean": mean,
+        "sd": np.sqrt(variance),
+        "mean_se": np.sqrt(weights**2 @ centred**2),
+        "sd_se": np.sqrt(weights**2 @ (centred**2 - variance) ** 2) / (2 * np.sqrt(variance)),
+        "ess": 1 / np.sum(weights**2),
+        "log_z": logsumexp(log_ratio) - np.log(n),
+        "log_z_se": np.sqrt(np.var(weights * n) / n),
+    }
+
+
+def assert_agrees_with_importance_sampling(result, estimate, power=0.02):
+    """The reference's means and sds within 4 standard errors of the estimate's, errors below ``power`` sd."""
+    assert np.all(estimate["mean_se"] < power * result.sd) and np.all(estimate["sd_se"] < power * result.sd)
+    assert np.all(np.abs(estimate["mean"] - result.mean) < 4 * estimate["mean_se"]), (estimate["mean"], result.mean)
+    assert np.all(np.abs(estimate["sd"] - result.sd) < 4 * estimate["sd_se"]), (estimate["sd"], result.sd)
+
+
+def assert_unimodal(density):
+    """Rises to its peak and falls after it (up to rounding)."""
+    peak = np.argmax(density)
+    slack = 1e-9 * density[peak]
+    assert np.all(np.diff(density[: peak + 1]) > -slack) and np.all(np.diff(density[peak:]) < slack)
 
 
 def test_marginals_integrate_to_one(default_reference):
@@ -113,3 +171,54 @@ def test_posterior_pressed_against_a_bound_gets_the_whole_box_grid_zoomed_in(dep
     assert np.all(np.abs(other.mean - result.mean) < 5e-3 * result.sd)
     np.testing.assert_allclose(other.sd, result.sd, rtol=3e-3)
     assert other.log_evidence == pytest.approx(result.log_evidence, abs=3e-3)
+
+
+def test_default_reference_is_pinned(default_reference):
+    """The default problem's reference to rounding: its numbers as computed before the sum of squares was
+    expanded about the best amplitude per (x0, z) node rather than about R = 0 (differences ~1e-12)."""
+    pinned_mean = [2.978850970092598, 6.014515483155399, 1.998011149752871]
+    assert np.all(np.abs(default_reference.mean - pinned_mean) < 1e-9 * default_reference.sd)
+    np.testing.assert_allclose(default_reference.sd, [0.03031089407622412, 0.05286723267346264, 0.00937427619149689], rtol=1e-9)
+    np.testing.assert_allclose(default_reference.correlation[np.triu_indices(3, 1)],
+                               [0.0021279864903229915, 0.0021625482857902246, 0.937957563646713], rtol=0, atol=1e-9)
+    assert default_reference.log_evidence == pytest.approx(-1422.8152274615923, abs=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny noise: sum w d^2 ~ 4e16, the posterior a Gaussian of sd 3e-8 m
+
+
+def test_tiny_noise_grid_density_is_the_problems_own_posterior(tiny_noise):
+    """At noise 1e-6 µGal the sum of squares, expanded about R = 0, lost ~10 nats to the rounding of
+    sum w d^2 ~ 4e16; the problem's own log posterior sums the squared residuals, station by station."""
+    problem, _, result = tiny_noise
+    rng = np.random.default_rng(3)
+    index = tuple(rng.integers(0, reference.GRID_POINTS, size=(3, 50)))
+    nodes = np.stack([result.nodes[axis][index[axis]] for axis in range(3)], axis=1)
+    np.testing.assert_allclose(result.log_density[index] + result.log_evidence, problem.log_posterior(nodes), rtol=0, atol=1e-3)
+
+
+def test_tiny_noise_posterior_is_the_laplace_gaussian(tiny_noise):
+    """The posterior is Gaussian: the Laplace's sd, correlation and mode, a unimodal marginal of R (it had
+    dozens of peaks), and the ±8 sd window holds it all (each marginal is at exp(-32) of its peak at the ends)."""
+    _, laplace, result = tiny_noise
+    np.testing.assert_allclose(result.sd, laplace.theta_sd, rtol=0.01)
+    np.testing.assert_allclose(result.correlation, laplace.theta_cov / np.outer(laplace.theta_sd, laplace.theta_sd), atol=0.01)
+    assert np.all(np.abs(result.mean - laplace.theta_map) < 0.01 * result.sd)
+    for i in range(3):
+        nodes, density = result.marginal(i)
+        assert_unimodal(density)
+        assert max(density[0], density[-1]) < 1e-10 * density.max()
+        assert np.trapezoid(density, nodes) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_tiny_noise_agrees_with_importance_sampling_from_the_laplace(tiny_noise):
+    """Means, sds and log Z of the problem's own posterior, importance-sampled from the Laplace Gaussian."""
+    problem, laplace, result = tiny_noise
+    theta, log_proposal = gaussian_draws(laplace.theta_map, laplace.theta_cov, 20_000, np.random.default_rng(4))
+    estimate = importance_sampling(theta, problem.log_posterior(theta), log_proposal)
+    assert estimate["ess"] > 0.5 * theta.shape[0]
+    assert_agrees_with_importance_sampling(result, estimate)
+    # the weights are constant to ~1e-9 (a Gaussian posterior), so allow for the grid's own error too
+    assert estimate["log_z_se"] < 0.01
+    assert result.log_evidence == pytest.approx(estimate["log_z"], abs=4 * estimate["log_z_se"] + 1e-6)

@@ -14,6 +14,8 @@ from scipy.special import logsumexp
 
 import forward
 import reference
+from test_reference import (TINY_NOISE, assert_agrees_with_importance_sampling, assert_unimodal, gaussian_draws,
+                            importance_sampling)
 
 DENSITY_BOUNDS = (1000.0, 4000.0)
 TRUE_MASS = 2500.0 * 2.0**3  # drho R^3 of the default sphere
@@ -53,6 +55,16 @@ def free_default():
     problem = free_problem()
     laplace = forward.laplace_approximation(problem)
     return problem, laplace, reference.compute_reference(problem, laplace)
+
+
+@pytest.fixture(scope="module")
+def tiny_noise_free():
+    """The default data at noise 1e-6 µGal with the density free, and the Gauss–Newton fit of (x0, z, m)."""
+    problem = free_problem(noise_sd=TINY_NOISE)
+    laplace = forward.laplace_approximation(problem)
+    start = laplace.theta_map
+    mass_fit = reference.mass_laplace(problem, [start[0], start[1], start[3] * start[2] ** 3])
+    return problem, mass_fit, reference.compute_reference(problem, laplace)
 
 
 @pytest.fixture(scope="module")
@@ -217,20 +229,11 @@ def test_importance_sampling_with_an_independent_proposal(free_default, default_
     theta = np.column_stack([geometry[:, :2], geometry[:, 2] * (2500.0 / contrast) ** (1 / 3), contrast])
     log_proposal = t3.logpdf(geometry) + np.log(contrast / 2500.0) / 3 - np.log(DENSITY_BOUNDS[1] - DENSITY_BOUNDS[0])
     log_target = np.concatenate([problem.log_posterior(chunk) for chunk in np.array_split(theta, 12)])
-    weights = np.exp(log_target - log_proposal - np.max(log_target - log_proposal))
-    weights /= weights.sum()
-    assert 1 / np.sum(weights**2) > 0.1 * n  # the proposal is a sensible one
-    mean = weights @ theta
-    centred = theta - mean
-    variance = weights @ centred**2
-    mean_error = np.sqrt(weights**2 @ centred**2)
-    sd_error = np.sqrt(weights**2 @ (centred**2 - variance) ** 2) / (2 * np.sqrt(variance))
-    assert np.all(mean_error < 0.02 * result.sd) and np.all(sd_error < 0.02 * result.sd)  # the check has power
-    assert np.all(np.abs(mean - result.mean) < 4 * mean_error)
-    assert np.all(np.abs(np.sqrt(variance) - result.sd) < 4 * sd_error)
+    estimate = importance_sampling(theta, log_target, log_proposal)
+    assert estimate["ess"] > 0.1 * n  # the proposal is a sensible one
+    assert_agrees_with_importance_sampling(result, estimate)
     # and the evidence: Z = E_q[L p / q]
-    log_z = logsumexp(log_target - log_proposal) - np.log(n)
-    assert log_z == pytest.approx(result.log_evidence, abs=0.02)
+    assert estimate["log_z"] == pytest.approx(result.log_evidence, abs=0.02)
 
 
 @pytest.mark.parametrize("problem_name", ["default", "broad"])
@@ -242,6 +245,84 @@ def test_refining_the_grid_or_widening_the_window_changes_nothing(problem_name, 
     assert np.all(np.abs(other.sd - result.sd) < 1e-3 * result.sd)
     assert other.log_evidence == pytest.approx(result.log_evidence, abs=1e-3)
     np.testing.assert_allclose(other.correlation, result.correlation, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny noise: sum w d^2 ~ 4e16, the mass known to 1.4e-8 of itself
+
+
+def proposal_on_the_ridge(problem, mass_fit, n, rng):
+    """(x0, z, m) from the Gauss–Newton Gaussian, drho uniform on its box, R = (m / drho)^(1/3): theta (n, 4)
+    and log q(theta), with the Jacobian dm/dR = 3 drho R^2."""
+    geometry, log_geometry = gaussian_draws(*mass_fit, n, rng)
+    contrast = rng.uniform(*DENSITY_BOUNDS, size=n)
+    radius = (geometry[:, 2] / contrast) ** (1 / 3)
+    theta = np.column_stack([geometry[:, :2], radius, contrast])
+    return theta, log_geometry - np.log(DENSITY_BOUNDS[1] - DENSITY_BOUNDS[0]) + np.log(3 * contrast * radius**2)
+
+
+def test_tiny_noise_grid_values_are_the_problems_own_posterior(tiny_noise_free):
+    """At noise 1e-6 µGal the sum of squares, expanded about m = 0, lost ~10 nats to the rounding of sum w d^2."""
+    problem, _, result = tiny_noise_free
+    rng = np.random.default_rng(6)
+    index = tuple(rng.integers(0, reference.GRID_POINTS, size=(3, 50)))
+    mass = result.nodes[2][index[2]]
+    contrast = rng.uniform(*DENSITY_BOUNDS, size=mass.size)  # R stays inside its box for m near 2e4
+    theta = np.stack([result.nodes[0][index[0]], result.nodes[1][index[1]], (mass / contrast) ** (1 / 3), contrast], axis=1)
+    np.testing.assert_allclose(result.log_theta_density[index] + result.log_evidence, problem.log_posterior(theta),
+                               rtol=0, atol=1e-3)
+
+
+def test_tiny_noise_mass_posterior_is_the_gauss_newton_gaussian(tiny_noise_free):
+    """(x0, z, m) is Gaussian: the Gauss–Newton sds and mode, a unimodal mass marginal (it had dozens of
+    peaks), and the ±8 sd window holds it all (each marginal at exp(-32) of its peak at the ends)."""
+    _, (mode, covariance), result = tiny_noise_free
+    sd = np.sqrt(np.diag(covariance))
+    mass_nodes, mass_density = result.mass_marginal()
+    mass_mean = np.trapezoid(mass_nodes * mass_density, mass_nodes)
+    mass_sd = np.sqrt(np.trapezoid((mass_nodes - mass_mean) ** 2 * mass_density, mass_nodes))
+    np.testing.assert_allclose([*result.sd[:2], mass_sd], sd, rtol=0.01)
+    assert np.all(np.abs([*result.mean[:2], mass_mean] - mode) < 0.01 * sd)
+    for density in (result.marginal(0)[1], result.marginal(1)[1], mass_density):
+        assert_unimodal(density)
+        assert max(density[0], density[-1]) < 1e-10 * density.max()
+
+
+def test_tiny_noise_marginals_of_radius_and_density_resolve_their_edges(tiny_noise_free):
+    """With the mass known to 1e-8 of itself, R (∝ R^-3 between its ends) falls to zero over ~1e-8 m at each
+    end: the dense nodes across each edge are kept, and the marginals give the reference's means and sds."""
+    _, _, result = tiny_noise_free
+    for i in (2, 3):
+        nodes, density = result.marginal(i)
+        mean = np.trapezoid(nodes * density, nodes)
+        assert mean == pytest.approx(result.mean[i], abs=1e-4 * result.sd[i])
+        assert np.sqrt(np.trapezoid((nodes - mean) ** 2 * density, nodes)) == pytest.approx(result.sd[i], rel=1e-4)
+
+
+def test_tiny_noise_agrees_with_importance_sampling_along_the_ridge(tiny_noise_free):
+    """Means, sds and log Z of all four parameters of the problem's own posterior, importance-sampled from the
+    Gauss–Newton Gaussian of (x0, z, m) with drho uniform: R and drho lie along the ridge drho R^3 = m."""
+    problem, mass_fit, result = tiny_noise_free
+    theta, log_proposal = proposal_on_the_ridge(problem, mass_fit, 40_000, np.random.default_rng(8))
+    estimate = importance_sampling(theta, problem.log_posterior(theta), log_proposal)
+    assert estimate["ess"] > 0.5 * theta.shape[0]
+    assert_agrees_with_importance_sampling(result, estimate)
+    assert estimate["log_z_se"] < 0.01
+    assert result.log_evidence == pytest.approx(estimate["log_z"], abs=4 * estimate["log_z_se"] + 1e-6)
+
+
+def test_default_free_density_reference_is_pinned(free_default):
+    """The default data's free-density reference to rounding: its numbers as computed before the sum of
+    squares was expanded about the best mass per (x0, z) node rather than about m = 0 (differences ~1e-12)."""
+    _, _, result = free_default
+    pinned_mean = [2.978850970092729, 6.014515483155675, 2.0960943255847315, 2389.555704613083]
+    assert np.all(np.abs(result.mean - pinned_mean) < 1e-9 * result.sd)
+    np.testing.assert_allclose(result.sd, [0.030310894076213513, 0.05286723267344508, 0.27929188930633375, 870.278755036058],
+                               rtol=1e-9)
+    np.testing.assert_allclose(result.correlation[np.triu_indices(4, 1)],
+                               [0.0021279864908702963, 7.61479382703569e-05, 0.0, 0.03302748665054372, 0.0, -0.9722794050624871],
+                               rtol=0, atol=1e-9)
+    assert result.log_evidence == pytest.approx(-1422.7843379504477, abs=1e-8)
 
 
 # ----------------------------------------------------------------------------------------------
