@@ -9,11 +9,15 @@ close to the prior, with an edge where the spheres whose anomaly would stand out
 out), or where theta's Laplace is no peak (a best fit pressed against a bound), no Laplace window can be
 trusted: the grid then covers the whole prior box, and zooms in on where that grid finds probability
 until the window no longer shrinks (``SUPPORT_TAIL``, ``ZOOM_BELOW``). The anomaly factorises as
-``g = R**3 * h(x0, z)``, so for every (x0, z) node the weighted sum of squares over all R is
+``g = R**3 * h(x0, z)``, so for every (x0, z) node, with c = sum w d h / sum w h^2 its best R^3 and
+r = d - c h its residuals, the weighted sum of squares over all R is
 
-    sum w (d - R^3 h)^2 = sum w d^2 - 2 R^3 (sum w d h) + R^6 (sum w h^2),
+    sum w (d - R^3 h)^2 = sum w r^2 + (R^3 - c)^2 sum w h^2,
 
-two inner products per (x0, z) node instead of a forward model per grid point (:class:`Reference`).
+a few inner products per (x0, z) node instead of a forward model per grid point (:class:`Reference`).
+Every term is as small as the sum itself, down to tiny noise (:func:`_sum_of_squares`); expanded about
+R = 0 instead (sum w d^2 - 2 R^3 sum w d h + R^6 sum w h^2) it would cancel terms of order sum w d^2.
+The ridge below is summed the same way, with m for R^3.
 
 Density free, ``theta = (x0, z, R, drho)``: the mass ridge
 ----------------------------------------------------------
@@ -107,8 +111,8 @@ def _trapezoid_weights(nodes):
 def _cell_mass(log_density, weights):
     """Probability of each cell of a 3-D grid: the density times the trapezoid weights, over their sum.
 
-    The sum is 1 but for the rounding of log Z, about 1e-16 |log Z|. With tiny noise |log Z| reaches
-    1e4, and the 1e-12 left would move the mean of x0 (3 m) by 3e-12 m, 2 % of its sd at noise 1e-8 µGal.
+    The sum is 1 but for the rounding of log Z, about 1e-16 |log Z|. With tiny noise |log Z| is large
+    (2e4 at noise 1e-8 µGal), and the few 1e-12 left would move the mean of x0 (3 m) by 2 % of its sd (3e-10 m).
     """
     w0, w1, w2 = weights
     mass = np.exp(log_density) * w0[:, None, None] * w1[None, :, None] * w2[None, None, :]
@@ -568,13 +572,14 @@ def _sum_of_squares(problem, x0, z, amplitude, density):
 
         sum w (d - a h)^2 = sum w r^2 + (a - c)^2 sum w h^2,
 
-    since sum w h r = 0. Every term is as small as the sum itself. Expanded about a = 0 instead
-    (sum w d^2 - 2 a sum w d h + a^2 sum w h^2) the terms reach sum w d^2, while their sum stays
-    near the number of stations: with tiny noise (w = 1e12 µGal^-2, sum w d^2 ~ 1e16) the
-    cancellation left rounding errors of nats, a posterior of noise. Rounding still leaves
-    sum w h r ~ eps c sum w h^2, which the identity drops: an error of |a - c| times that, about eps
-    times the signal-to-noise ratio of the amplitude per sd of a, the order of the rounding of r itself.
+    since sum w h r = 0. Every term is then as small as the sum itself. Expanded about a = 0 instead
+    (sum w d^2 - 2 a sum w d h + a^2 sum w h^2), terms of order sum w d^2 would cancel down to a sum near
+    the number of stations: at noise 1e-6 µGal (w = 1e12, sum w d^2 ~ 4e16) leaving rounding errors of
+    ~10 nats, a posterior of noise. Rounding makes sum w h r ~ eps c sum w h^2 rather than 0; dropping it
+    costs |a - c| times that, eps times the amplitude's signal-to-noise ratio per sd of a, no more than the
+    rounding of r itself.
     """
+    # h and d scaled by sqrt(w), so that each weighted sum is a plain inner product
     root_w = np.sqrt(problem.weights)
     data = problem.g_obs * root_w
     shape = (x0.size, z.size)
@@ -585,7 +590,7 @@ def _sum_of_squares(problem, x0, z, amplitude, density):
         h *= root_w
         curvature[i] = np.einsum("ks,ks->k", h, h)
         best[i] = h @ data / curvature[i]
-        residual = np.subtract(data, best[i][:, None] * h)
+        residual = data - best[i][:, None] * h
         floor[i] = np.einsum("ks,ks->k", residual, residual)
     offset = amplitude[None, None, :] - best[:, :, None]
     return floor[:, :, None] + curvature[:, :, None] * offset**2

@@ -62,6 +62,30 @@ def test_quick_comparison_writes_both_tables_with_seven_rows_and_both_figures(qu
     assert "## Goals" in table.read_text()
     assert_png(out / "marginals.png")
     assert_png(out / "cost_accuracy.png")
+    assert_png(out / "pairs.png")
+    assert_png(out / "convergence.png")
+    assert {"time_to_error_0.05_s", "evaluations_to_error_0.05", "vi_error", "start"} <= set(rows[0])
+
+
+def test_quick_comparison_of_the_free_density_writes_every_file(tmp_path):
+    status = compare.main(["--quick", "--density-bounds", "1000", "4000", "--samples", "2000", "--checkpoints", "4",
+                           "--no-cost-ratio", "--out", str(tmp_path), "--quiet"])
+    assert status == 0
+    rows = read_csv(tmp_path / "table.csv")
+    assert [row["method"] for row in rows] == list(compare.METHODS)
+    for name in ("marginals.png", "pairs.png", "cost_accuracy.png", "convergence.png"):
+        assert_png(tmp_path / name)
+    text = (tmp_path / "table.md").read_text()
+    assert "flow alone" in text and "Time to reach error 0.05" in text
+    for row in rows:
+        summary = json.loads((tmp_path / row["method"] / "summary.json").read_text())
+        assert summary["parameters"] == ["x0", "z", "R", "drho"]
+        assert len(summary["convergence"]) >= 4
+        seconds, evaluations = row["time_to_error_0.05_s"], row["evaluations_to_error_0.05"]
+        assert (seconds == "") == (evaluations == "")  # both or neither
+        if seconds:
+            assert float(seconds) <= summary["convergence"][-1]["seconds"]
+            assert int(evaluations) <= summary["convergence"][-1]["evaluations"]
 
 
 def test_quick_comparison_tabulates_each_method_s_own_summary(quick_comparison):
