@@ -311,10 +311,14 @@ def convergence_warning(rhat, ess, names):
     problems = []
     if rhat is not None and not np.all(np.asarray(rhat) <= RHAT_LIMIT):
         worst = [name for name, r in zip(names, rhat) if not r <= RHAT_LIMIT]
-        problems.append(f"split R-hat up to {np.nanmax(rhat):.3f} > {RHAT_LIMIT} ({', '.join(worst)})")
+        finite = np.asarray(rhat, dtype=float)[np.isfinite(rhat)]
+        problems.append((f"split R-hat up to {finite.max():.3f}" if finite.size else "split R-hat undefined")
+                        + f" > {RHAT_LIMIT} ({', '.join(worst)})")
     if not np.all(np.asarray(ess) >= ESS_LIMIT):
         worst = [name for name, e in zip(names, ess) if not e >= ESS_LIMIT]
-        problems.append(f"smallest ESS {np.nanmin(ess):.0f} < {ESS_LIMIT} ({', '.join(worst)})")
+        finite = np.asarray(ess, dtype=float)[np.isfinite(ess)]
+        problems.append((f"smallest ESS {finite.min():.0f}" if finite.size else "ESS undefined")
+                        + f" < {ESS_LIMIT} ({', '.join(worst)})")
     if not problems:
         return None
     return "warning: not converged: " + " and ".join(problems) + "; run more --iterations (or --chains, --burn-in)"
