@@ -74,7 +74,6 @@ CHECKPOINT_DRAWS = 20_000
 REGULARISER = 1e-6
 #: A run is reported as not converged above this split R-hat or below this smallest ESS
 #: (Vehtari et al. 2021).
-RHAT_LIMIT = 1.01
 ESS_LIMIT = 400
 
 
@@ -307,13 +306,13 @@ def resolve_defaults(args, init, problem, laplace):
 
 
 def convergence_warning(rhat, ess, names):
-    """The "not converged" line for split R-hat above RHAT_LIMIT or an ESS below ESS_LIMIT; None if neither."""
+    """The "not converged" line for split R-hat above diagnostics.RHAT_LIMIT or an ESS below ESS_LIMIT; None if neither."""
     problems = []
-    if rhat is not None and not np.all(np.asarray(rhat) <= RHAT_LIMIT):
-        worst = [name for name, r in zip(names, rhat) if not r <= RHAT_LIMIT]
+    if rhat is not None and not np.all(np.asarray(rhat) <= diagnostics.RHAT_LIMIT):
+        worst = [name for name, r in zip(names, rhat) if not r <= diagnostics.RHAT_LIMIT]
         finite = np.asarray(rhat, dtype=float)[np.isfinite(rhat)]
         problems.append((f"split R-hat up to {finite.max():.3f}" if finite.size else "split R-hat undefined")
-                        + f" > {RHAT_LIMIT} ({', '.join(worst)})")
+                        + f" > {diagnostics.RHAT_LIMIT} ({', '.join(worst)})")
     if not np.all(np.asarray(ess) >= ESS_LIMIT):
         worst = [name for name, e in zip(names, ess) if not e >= ESS_LIMIT]
         finite = np.asarray(ess, dtype=float)[np.isfinite(ess)]
@@ -333,8 +332,7 @@ def thin(kept, n):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     with cli.Timer() as total:
-        cli.check_start(args.start, cli.load_problem(args))
-        problem, out, laplace, reference = cli.setup_run(args)
+        problem, out, laplace, reference = cli.setup_run(args, check=lambda problem: cli.check_start(args.start, problem))
         chosen = start_module.choose_start(args.init, problem, laplace)
         resolve_defaults(args, chosen.init, problem, laplace)
         print(f"start: {chosen.init} ({chosen.reason}); {args.chains} chain{'s' if args.chains > 1 else ''}, "
@@ -399,7 +397,6 @@ def main(argv=None):
         recorder.add(kept.shape[0], run.seconds, results["likelihood_evaluations"],
                      reference_module.score(theta, reference)["error"], stage="final")
         results["convergence"] = recorder.points
-        results["cost_s"] = run.seconds
         # noise-weighted RMS misfit sqrt(chi²/n) from the log-likelihood: sum((r/sigma)^2) = -2 misfit
         misfit = run.log_posterior - problem.log_prior_density - problem.log_likelihood_constant
         rms = np.sqrt(np.maximum(-2.0 * misfit, 0.0) / problem.n_stations)

@@ -222,11 +222,14 @@ def fail_without_results(folder, message):
     return EXIT_DIVERGED
 
 
-def setup_run(args):
+def setup_run(args, check=None):
     """What every method needs before it starts: the problem, the output folder, the Laplace
     approximation (a warning if its mode sits on a prior bound, or if the data barely constrain the
-    body) and the exact reference posterior."""
+    body) and the exact reference posterior. ``check(problem)``, if given, validates the options that
+    need the problem (e.g. ``--start``) before anything costly runs."""
     problem = load_problem(args)
+    if check is not None:
+        check(problem)
     out = prepare_output(args.out)
     laplace = forward.laplace_approximation(problem)
     warn_if_on_bound(laplace)

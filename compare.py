@@ -30,6 +30,7 @@ import cli
 import convergence
 import figures
 import forward
+import refine
 import runner
 import start
 import sweep
@@ -92,7 +93,7 @@ def build_parser():
     group.add_argument("--checkpoints", type=cli.nonnegative_int, default=CHECKPOINTS, metavar="N",
                        help="score every method against the exact reference at N points of its run, for the "
                             "convergence figure and the cost to reach error 0.05 (default: %(default)s)")
-    group.add_argument("--refine", choices=("none", "importance", "mh"), default="importance",
+    group.add_argument("--refine", choices=refine.METHODS, default="importance",
                        help="how the flows refine their draws after training; the table gives the error before and "
                             "after (default: %(default)s)")
     group.add_argument("--no-cost-ratio", action="store_true",

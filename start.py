@@ -11,7 +11,7 @@ importance-sampling diagnostics against the *unnormalised* posterior, so it need
     u_s ~ N(u_map, u_cov),   log w_s = log p(d, theta(u_s)) + log|dtheta/du| - log N(u_s),
 
 and the Pareto k-hat of PSIS (Vehtari et al. 2024) and the normalised ESS of the weights
-(``diagnostics``). k-hat <= ``KHAT_LIMIT`` and ESS >= ``ESS_LIMIT``: the Gaussian describes the
+(``diagnostics``). k-hat <= ``diagnostics.PSIS_KHAT_LIMIT`` (0.7) and ESS >= ``ESS_LIMIT``: the Gaussian describes the
 posterior, start there; otherwise start from the prior (and anneal the likelihood, see ``vi``).
 The judgement costs ``N_DRAWS`` likelihood evaluations (0.1 s on the default problem).
 
@@ -28,8 +28,6 @@ import diagnostics
 import forward
 
 N_DRAWS = 4000
-#: Pareto k-hat above which importance sampling from q is unreliable (Vehtari et al. 2024).
-KHAT_LIMIT = 0.7
 #: Smallest normalised importance ESS at which the Laplace Gaussian counts as a description of the posterior
 #: (99.9 % on the default problem; 0.1-10 % on the mass ridge, depending on the draws: a wide margin both ways).
 ESS_LIMIT = 0.5
@@ -77,7 +75,7 @@ def choose_start(init, problem, laplace):
     khat = float(diagnostics.psis_khat(log_weights))
     ess = float(diagnostics.importance_ess(log_weights))
     figures = f"importance k-hat {khat:.2f}, ESS {100 * ess:.1f} % of {N_DRAWS} draws against the posterior"
-    if khat <= KHAT_LIMIT and ess >= ESS_LIMIT:
+    if khat <= diagnostics.PSIS_KHAT_LIMIT and ess >= ESS_LIMIT:
         return Start("laplace", f"the Laplace Gaussian describes the posterior ({figures})", khat, ess, N_DRAWS)
     return Start("prior", f"the Laplace Gaussian misses much of the posterior ({figures}); starting from the prior",
                  khat, ess, N_DRAWS)

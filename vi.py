@@ -369,12 +369,11 @@ def run_flow_method(args, build_layers):
             likelihood_evaluations=chosen.likelihood_evaluations + int(history.size) * args.batch + n_draws,
         )
         cost = train_seconds + evaluation.seconds  # the flow's clock: training, then drawing its samples
-        vi_error = reference_module.score(theta[:args.samples], reference)["error"]
-        recorder.add(history.size, cost, results["likelihood_evaluations"], vi_error, stage="trained")
+        vi_scores = reference_module.score(theta[:args.samples], reference)
+        recorder.add(history.size, cost, results["likelihood_evaluations"], vi_scores["error"], stage="trained")
         lines = []
         if args.refine != "none":
-            results["vi"] = {"error": None, **{key: results[key] for key in ("kl", "is_ess", "khat")}}
-            results["vi"].update(reference_module.score(theta[:args.samples], reference))
+            results["vi"] = {**vi_scores, **{key: results[key] for key in ("kl", "is_ess", "khat")}}
             with cli.Timer() as refining:
                 theta, refined = refine.refine(args.refine, theta, log_weights, args.samples,
                                                np.random.default_rng(args.seed))
@@ -388,7 +387,6 @@ def run_flow_method(args, build_layers):
         else:
             theta = theta[:args.samples]
         results["convergence"] = recorder.points
-        results["cost_s"] = recorder.points[-1]["seconds"]
     figures.plot_elbo(out / "elbo.png", history, reference.log_evidence, title=args.method,
                       final_kl=(results["kl"], n_draws), anneal_end=results["anneal_iterations"])
     summary = report.write_results(out, args, problem, reference, theta, results, total.seconds, stop.interrupted)

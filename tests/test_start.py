@@ -16,7 +16,7 @@ def ridge_problem():
 def test_auto_chooses_laplace_where_it_describes_the_posterior(default_problem, default_laplace):
     chosen = start.choose_start("auto", default_problem, default_laplace)
     assert chosen.init == "laplace"
-    assert chosen.khat < start.KHAT_LIMIT and chosen.is_ess > 0.95
+    assert chosen.khat < diagnostics.PSIS_KHAT_LIMIT and chosen.is_ess > 0.95
     assert chosen.likelihood_evaluations == start.N_DRAWS
     assert "describes the posterior" in chosen.reason
 
