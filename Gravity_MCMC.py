@@ -54,15 +54,15 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-import cli
-import convergence
-import diagnostics
-import figures
+from gravity_flows.command import cli
+from gravity_flows.scoring import convergence
+from gravity_flows.scoring import diagnostics
+from gravity_flows.reporting import figures
 import forward
-import reference as reference_module
-import report
-import runner
-import start as start_module
+from gravity_flows.scoring import reference as reference_module
+from gravity_flows.reporting import report
+from gravity_flows.command import runner
+from gravity_flows.inference import start as start_module
 
 ORIGINAL_START = (5.5, 8.5, 4.5)
 ORIGINAL_PROPOSAL_SCALE = 0.01

@@ -13,10 +13,10 @@ Germain, M., Gregor, K., Murray, I. & Larochelle, H. (2015). MADE. ICML.
 Kingma, D. P. et al. (2016). Improved variational inference with inverse autoregressive flow. NeurIPS.
 """
 
-import cli
-import runner
-import vi
-from autoregressive import AutoregressiveAffine, layer_orders
+from gravity_flows.command import cli
+from gravity_flows.command import runner
+from gravity_flows.inference import vi
+from gravity_flows.flows.autoregressive import AutoregressiveAffine, layer_orders
 
 
 def build_layers(args, dim):

@@ -12,10 +12,10 @@ K bins on [-B, B] (``--bins``, ``--tail-bound``), identity outside; orders alter
 Durkan, C., Bekasov, A., Murray, I. & Papamakarios, G. (2019). Neural spline flows. NeurIPS.
 """
 
-import cli
-import runner
-import vi
-from autoregressive import AutoregressiveSpline, layer_orders
+from gravity_flows.command import cli
+from gravity_flows.command import runner
+from gravity_flows.inference import vi
+from gravity_flows.flows.autoregressive import AutoregressiveSpline, layer_orders
 
 
 def build_layers(args, dim):

@@ -13,10 +13,10 @@ conditions the others.
 Dinh, L., Sohl-Dickstein, J. & Bengio, S. (2017). Density estimation using Real NVP. ICLR.
 """
 
-import cli
-import runner
-import vi
-from layers import AffineCoupling, coupling_mask
+from gravity_flows.command import cli
+from gravity_flows.command import runner
+from gravity_flows.inference import vi
+from gravity_flows.flows.layers import AffineCoupling, coupling_mask
 
 
 def build_layers(args, dim):

@@ -13,11 +13,11 @@ With three features the split cycles by index lists: transformed [1, 2], [0, 2],
 Durkan, C., Bekasov, A., Murray, I. & Papamakarios, G. (2019). Neural spline flows. NeurIPS.
 """
 
-import cli
-import runner
-import vi
-from layers import coupling_mask
-from splines import SplineCoupling
+from gravity_flows.command import cli
+from gravity_flows.command import runner
+from gravity_flows.inference import vi
+from gravity_flows.flows.layers import coupling_mask
+from gravity_flows.flows.splines import SplineCoupling
 
 
 def build_layers(args, dim):

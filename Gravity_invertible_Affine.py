@@ -15,10 +15,10 @@ needed with three features and a learnt W; the couplings alternate their split i
 Kingma, D. P. & Dhariwal, P. (2018). Glow: Generative flow with invertible 1x1 convolutions. NeurIPS.
 """
 
-import cli
-import runner
-import vi
-from layers import GlowStep
+from gravity_flows.command import cli
+from gravity_flows.command import runner
+from gravity_flows.inference import vi
+from gravity_flows.flows.layers import GlowStep
 
 
 def build_layers(args, dim):

@@ -12,10 +12,10 @@ needs many layers for a flexible q and has no closed-form inverse.
 Rezende, D. J. & Mohamed, S. (2015). Variational inference with normalizing flows. ICML.
 """
 
-import cli
-import runner
-import vi
-from layers import Planar
+from gravity_flows.command import cli
+from gravity_flows.command import runner
+from gravity_flows.inference import vi
+from gravity_flows.flows.layers import Planar
 
 
 def build_layers(args, dim):

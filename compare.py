@@ -26,14 +26,14 @@ import sys
 import time
 import traceback
 
-import cli
-import convergence
-import figures
+from gravity_flows.command import cli
+from gravity_flows.scoring import convergence
+from gravity_flows.reporting import figures
 import forward
-import refine
-import runner
-import start
-import sweep
+from gravity_flows.inference import refine
+from gravity_flows.command import runner
+from gravity_flows.inference import start
+from gravity_flows.command import sweep
 from forward import DataError
 
 METHODS = ("MCMC", "planar", "auto_Affine", "auto_NSF", "coupling_Affine", "coupling_NSF", "invertible_Affine")
@@ -190,7 +190,7 @@ def time_per_iteration(methods, problem, laplace, device_name="cpu", iterations=
     """
     import torch
 
-    import vi
+    from gravity_flows.inference import vi
 
     device = vi.device_for(device_name)
     log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)

@@ -23,7 +23,7 @@ def default_laplace(default_problem):
 
 @pytest.fixture(scope="session")
 def default_reference(default_problem, default_laplace):
-    import reference
+    from gravity_flows.scoring import reference
 
     return reference.compute_reference(default_problem, default_laplace)
 

@@ -35,7 +35,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(script).resolve().parent))
     sys.argv = [script, *options]
 
-    import output
+    from gravity_flows.reporting import output
 
     output.atomic_path = after_writing(name, output.atomic_path)
     runpy.run_path(script, run_name="__main__")

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from autoregressive import MADE, AutoregressiveAffine, AutoregressiveSpline, layer_orders
+from gravity_flows.flows.autoregressive import MADE, AutoregressiveAffine, AutoregressiveSpline, layer_orders
 from layer_harness import DIM, check_layer, randomize_, sample_inputs
 
 RANDOM_ORDER = torch.randperm(DIM, generator=torch.Generator().manual_seed(0)).tolist()  # [2, 0, 1]

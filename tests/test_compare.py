@@ -10,14 +10,14 @@ import math
 import numpy as np
 import pytest
 
-import cli
+from gravity_flows.command import cli
 import compare
-import figures
+from gravity_flows.reporting import figures
 import Gravity_MCMC
 import Gravity_coupling_NSF
 import Gravity_planar
-import runner
-import sweep
+from gravity_flows.command import runner
+from gravity_flows.command import sweep
 from forward import DataError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-import convergence
+from gravity_flows.scoring import convergence
 import forward
 import Gravity_MCMC as mcmc
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import diagnostics
+from gravity_flows.scoring import diagnostics
 
 
 def ar1_chains(rho, n_steps, n_chains, dim, rng):

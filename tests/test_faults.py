@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+from gravity_flows.command import cli
 import forward
 import Gravity_MCMC
 import Gravity_planar
-import output
-import runner
+from gravity_flows.reporting import output
+from gravity_flows.command import runner
 from ctrl_c import after_writing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -382,7 +382,7 @@ def test_every_file_a_module_writes_into_an_output_folder_is_a_known_result_file
     import ast
 
     named = set()
-    for path in ROOT.glob("*.py"):
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("gravity_flows/**/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
                     and str(node.right.value).endswith((".png", ".json", ".npz", ".md", ".csv"))):
@@ -393,7 +393,7 @@ def test_every_file_a_module_writes_into_an_output_folder_is_a_known_result_file
 
 
 def test_a_table_completes_a_comparison_or_a_sweep(tmp_path, unfinished):
-    import sweep
+    from gravity_flows.command import sweep
 
     output.begin_result(tmp_path)
     (tmp_path / "figure.png").write_bytes(b"")  # not written through output: not this run's to remove

@@ -13,10 +13,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-import figures
+from gravity_flows.reporting import figures
 import forward
-import output
-import reference
+from gravity_flows.reporting import output
+from gravity_flows.scoring import reference
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-import layers
+from gravity_flows.flows import layers
 from layer_harness import (
     DIM,
     check_forward_logdet,

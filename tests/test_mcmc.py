@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import diagnostics
+from gravity_flows.scoring import diagnostics
 import Gravity_MCMC as mcmc
 
 SD = np.array([0.03, 0.05, 0.009])

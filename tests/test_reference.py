@@ -5,7 +5,7 @@ import pytest
 from scipy.special import logsumexp
 
 import forward
-import reference
+from gravity_flows.scoring import reference
 
 #: Noise (µGal) at which w = 1e12 and sum w d^2 ~ 4e16: the posterior is a Gaussian of sd 3e-8 m in x0.
 TINY_NOISE = 1e-6

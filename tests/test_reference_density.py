@@ -13,7 +13,7 @@ from scipy import integrate, stats
 from scipy.special import logsumexp
 
 import forward
-import reference
+from gravity_flows.scoring import reference
 from test_reference import (TINY_NOISE, assert_agrees_with_importance_sampling, assert_unimodal, gaussian_draws,
                             importance_sampling)
 

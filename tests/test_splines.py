@@ -10,8 +10,8 @@ import torch
 from scipy.special import softmax
 
 from layer_harness import DIM, check_layer, randomize_, sample_inputs
-from layers import coupling_masks
-from splines import (
+from gravity_flows.flows.layers import coupling_masks
+from gravity_flows.flows.splines import (
     MIN_BIN_HEIGHT,
     MIN_BIN_WIDTH,
     MIN_DERIVATIVE,

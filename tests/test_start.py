@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-import diagnostics
+from gravity_flows.scoring import diagnostics
 import forward
-import start
+from gravity_flows.inference import start
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ import Gravity_coupling_Affine
 import Gravity_coupling_NSF
 import Gravity_invertible_Affine
 import Gravity_planar
-import vi
-from autoregressive import AutoregressiveAffine, AutoregressiveSpline
+from gravity_flows.inference import vi
+from gravity_flows.flows.autoregressive import AutoregressiveAffine, AutoregressiveSpline
 from layer_harness import randomize_
-from layers import AffineCoupling
-from splines import SplineCoupling
+from gravity_flows.flows.layers import AffineCoupling
+from gravity_flows.flows.splines import SplineCoupling
 
 SCRIPTS = {
     "bare": None,

@@ -15,8 +15,8 @@ from scipy.special import logsumexp
 
 import forward
 import Gravity_MCMC
-import reference
-import start
+from gravity_flows.scoring import reference
+from gravity_flows.inference import start
 
 NOISE = 1e4  # µGal
 DENSITY_BOUNDS = (1000.0, 4000.0)

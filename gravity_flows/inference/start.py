@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import diagnostics
+from gravity_flows.scoring import diagnostics
 import forward
 
 N_DRAWS = 4000

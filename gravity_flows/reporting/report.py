@@ -5,10 +5,10 @@ import sys
 
 import numpy as np
 
-import figures
+from gravity_flows.reporting import figures
 import forward
-import output
-import reference as reference_module
+from gravity_flows.reporting import output
+from gravity_flows.scoring import reference as reference_module
 
 
 def data_description(problem):

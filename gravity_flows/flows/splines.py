@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from layers import Coupling, coupling_mask
+from gravity_flows.flows.layers import Coupling, coupling_mask
 
 #: Every bin is at least this fraction of the interval wide / high, so no slope can vanish or explode.
 MIN_BIN_WIDTH = 1e-3

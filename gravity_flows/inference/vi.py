@@ -29,17 +29,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-import cli
-import convergence
-import diagnostics
-import figures
+from gravity_flows.command import cli
+from gravity_flows.scoring import convergence
+from gravity_flows.scoring import diagnostics
+from gravity_flows.reporting import figures
 import forward
-import reference as reference_module
-import refine
-import report
-import splines
-import start as start_module
-from layers import FlowSequence
+from gravity_flows.scoring import reference as reference_module
+from gravity_flows.inference import refine
+from gravity_flows.reporting import report
+from gravity_flows.flows import splines
+from gravity_flows.inference import start as start_module
+from gravity_flows.flows.layers import FlowSequence
 
 #: The base map's diagonal is softplus(raw + _DIAGONAL_SHIFT) + _DIAGONAL_EPS: exactly 1 at raw = 0, never 0.
 _DIAGONAL_EPS = 1e-6

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
-import convergence
-import figures
-import output
-import reference as reference_module
+from gravity_flows.command import cli
+from gravity_flows.scoring import convergence
+from gravity_flows.reporting import figures
+from gravity_flows.reporting import output
+from gravity_flows.scoring import reference as reference_module
 from forward import DataError
 
 # ----------------------------------------------------------------------------------------------

@@ -35,10 +35,10 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
-import diagnostics  # noqa: E402
+from gravity_flows.scoring import diagnostics  # noqa: E402
 import forward  # noqa: E402
-import output  # noqa: E402
-import reference as reference_module  # noqa: E402
+from gravity_flows.reporting import output  # noqa: E402
+from gravity_flows.scoring import reference as reference_module  # noqa: E402
 
 #: Half-width of the parameter view in reference standard deviations.
 VIEW_SDS = 5.0
@@ -1168,7 +1168,7 @@ def plot_convergence(path, runs, level=None, title=""):
     results are marked (circle, star). ``level``: the error goal, drawn dashed, with each method's
     cost to reach it (the first checkpoint after which the error stays below) marked by a vertical tick.
     """
-    import convergence
+    from gravity_flows.scoring import convergence
 
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     figure, axes = plt.subplots(1, 2, figsize=(14, 5.4), sharey=True)

@@ -15,9 +15,9 @@ import sys
 import warnings
 from pathlib import Path
 
-import cli
-import output
-import sweep
+from gravity_flows.command import cli
+from gravity_flows.reporting import output
+from gravity_flows.command import sweep
 from forward import DataError
 
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers import affine_from_params
-from splines import DEFAULT_BINS, DEFAULT_TAIL_BOUND, spline_from_params, spline_param_count
+from gravity_flows.flows.layers import affine_from_params
+from gravity_flows.flows.splines import DEFAULT_BINS, DEFAULT_TAIL_BOUND, spline_from_params, spline_param_count
 
 
 def layer_orders(dim, n_layers):

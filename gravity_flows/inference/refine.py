@@ -55,7 +55,7 @@ import math
 
 import numpy as np
 
-import diagnostics
+from gravity_flows.scoring import diagnostics
 
 #: The ``--refine`` choices.
 METHODS = ("none", "importance", "mh")

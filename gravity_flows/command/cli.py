@@ -24,8 +24,8 @@ from types import SimpleNamespace
 import numpy as np
 
 import forward
-import output
-import reference
+from gravity_flows.reporting import output
+from gravity_flows.scoring import reference
 from forward import DataError
 
 EXIT_USAGE = 2
