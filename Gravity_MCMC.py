@@ -54,15 +54,12 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from gravity_flows.command import cli
-from gravity_flows.scoring import convergence
-from gravity_flows.scoring import diagnostics
-from gravity_flows.reporting import figures
 import forward
-from gravity_flows.scoring import reference as reference_module
-from gravity_flows.reporting import report
-from gravity_flows.command import runner
-from gravity_flows.inference import start as start_module
+from gravity_flows.command import cli, runner
+from gravity_flows.inference.start import choose_start
+from gravity_flows.reporting import figures, report
+from gravity_flows.scoring import convergence, diagnostics
+from gravity_flows.scoring.reference import score
 
 ORIGINAL_START = (5.5, 8.5, 4.5)
 ORIGINAL_PROPOSAL_SCALE = 0.01
@@ -333,7 +330,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     with cli.Timer() as total:
         problem, out, laplace, reference = cli.setup_run(args, check=lambda problem: cli.check_start(args.start, problem))
-        chosen = start_module.choose_start(args.init, problem, laplace)
+        chosen = choose_start(args.init, problem, laplace)
         resolve_defaults(args, chosen.init, problem, laplace)
         print(f"start: {chosen.init} ({chosen.reason}); {args.chains} chain{'s' if args.chains > 1 else ''}, "
               f"{args.burn_in} burn-in steps " + (f"adapting the proposal every {ADAPT_EVERY}" if args.adapt else
@@ -346,7 +343,7 @@ def main(argv=None):
         recorder = convergence.Recorder()
 
         def score_now(kept_so_far, seconds, evaluations):
-            error = reference_module.score(thin(kept_so_far, CHECKPOINT_DRAWS), reference)["error"]
+            error = score(thin(kept_so_far, CHECKPOINT_DRAWS), reference)["error"]
             recorder.add(kept_so_far.shape[0], seconds, chosen.likelihood_evaluations + evaluations, error, stage="sampling")
 
         with cli.interruptible("sampling") as stop:
@@ -395,7 +392,7 @@ def main(argv=None):
             "time_per_iteration_ms": 1e3 * run.seconds / chains.shape[0],
         }
         recorder.add(kept.shape[0], run.seconds, results["likelihood_evaluations"],
-                     reference_module.score(theta, reference)["error"], stage="final")
+                     score(theta, reference)["error"], stage="final")
         results["convergence"] = recorder.points
         # noise-weighted RMS misfit sqrt(chi²/n) from the log-likelihood: sum((r/sigma)^2) = -2 misfit
         misfit = run.log_posterior - problem.log_prior_density - problem.log_likelihood_constant

@@ -12,9 +12,7 @@ K bins on [-B, B] (``--bins``, ``--tail-bound``), identity outside; orders alter
 Durkan, C., Bekasov, A., Murray, I. & Papamakarios, G. (2019). Neural spline flows. NeurIPS.
 """
 
-from gravity_flows.command import cli
-from gravity_flows.command import runner
-from gravity_flows.inference import vi
+from gravity_flows.command import flow, runner
 from gravity_flows.flows.autoregressive import AutoregressiveSpline, layer_orders
 
 
@@ -26,11 +24,11 @@ def build_layers(args, dim):
 
 
 def build_parser():
-    return vi.flow_parser(__doc__, "auto_NSF", iterations={"laplace": 2000, "prior": 4000}, flows=3, hidden=32, lr=0.005, spline=True)
+    return flow.flow_parser(__doc__, "auto_NSF", iterations={"laplace": 2000, "prior": 4000}, flows=3, hidden=32, lr=0.005, spline=True)
 
 
 def main(argv=None):
-    return vi.run_flow_method(build_parser().parse_args(argv), build_layers)
+    return flow.run_flow_method(build_parser().parse_args(argv), build_layers)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ conditions the others.
 Dinh, L., Sohl-Dickstein, J. & Bengio, S. (2017). Density estimation using Real NVP. ICLR.
 """
 
-from gravity_flows.command import cli
-from gravity_flows.command import runner
-from gravity_flows.inference import vi
+from gravity_flows.command import flow, runner
 from gravity_flows.flows.layers import AffineCoupling, coupling_mask
 
 
@@ -24,11 +22,11 @@ def build_layers(args, dim):
 
 
 def build_parser():
-    return vi.flow_parser(__doc__, "coupling_Affine", iterations={"laplace": 3000, "prior": 4000}, flows=4, hidden=32, lr=0.005)
+    return flow.flow_parser(__doc__, "coupling_Affine", iterations={"laplace": 3000, "prior": 4000}, flows=4, hidden=32, lr=0.005)
 
 
 def main(argv=None):
-    return vi.run_flow_method(build_parser().parse_args(argv), build_layers)
+    return flow.run_flow_method(build_parser().parse_args(argv), build_layers)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ With three features the split cycles by index lists: transformed [1, 2], [0, 2],
 Durkan, C., Bekasov, A., Murray, I. & Papamakarios, G. (2019). Neural spline flows. NeurIPS.
 """
 
-from gravity_flows.command import cli
-from gravity_flows.command import runner
-from gravity_flows.inference import vi
+from gravity_flows.command import flow, runner
 from gravity_flows.flows.layers import coupling_mask
 from gravity_flows.flows.splines import SplineCoupling
 
@@ -28,11 +26,11 @@ def build_layers(args, dim):
 
 
 def build_parser():
-    return vi.flow_parser(__doc__, "coupling_NSF", iterations={"laplace": 2000, "prior": 4000}, flows=3, hidden=32, lr=0.005, spline=True)
+    return flow.flow_parser(__doc__, "coupling_NSF", iterations={"laplace": 2000, "prior": 4000}, flows=3, hidden=32, lr=0.005, spline=True)
 
 
 def main(argv=None):
-    return vi.run_flow_method(build_parser().parse_args(argv), build_layers)
+    return flow.run_flow_method(build_parser().parse_args(argv), build_layers)
 
 
 if __name__ == "__main__":

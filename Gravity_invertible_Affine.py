@@ -15,9 +15,7 @@ needed with three features and a learnt W; the couplings alternate their split i
 Kingma, D. P. & Dhariwal, P. (2018). Glow: Generative flow with invertible 1x1 convolutions. NeurIPS.
 """
 
-from gravity_flows.command import cli
-from gravity_flows.command import runner
-from gravity_flows.inference import vi
+from gravity_flows.command import flow, runner
 from gravity_flows.flows.layers import GlowStep
 
 
@@ -26,12 +24,12 @@ def build_layers(args, dim):
 
 
 def build_parser():
-    return vi.flow_parser(__doc__, "invertible_Affine", iterations={"laplace": 3000, "prior": 4000},
+    return flow.flow_parser(__doc__, "invertible_Affine", iterations={"laplace": 3000, "prior": 4000},
                           flows={"laplace": 3, "prior": 5}, hidden=32, lr=0.005)
 
 
 def main(argv=None):
-    return vi.run_flow_method(build_parser().parse_args(argv), build_layers)
+    return flow.run_flow_method(build_parser().parse_args(argv), build_layers)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ needs many layers for a flexible q and has no closed-form inverse.
 Rezende, D. J. & Mohamed, S. (2015). Variational inference with normalizing flows. ICML.
 """
 
-from gravity_flows.command import cli
-from gravity_flows.command import runner
-from gravity_flows.inference import vi
+from gravity_flows.command import flow, runner
 from gravity_flows.flows.layers import Planar
 
 
@@ -23,12 +21,12 @@ def build_layers(args, dim):
 
 
 def build_parser():
-    return vi.flow_parser(__doc__, "planar", iterations={"laplace": 3000, "prior": 4000},
-                          flows={"laplace": 8, "prior": 16}, hidden=None, lr=0.01)
+    return flow.flow_parser(__doc__, "planar", iterations={"laplace": 3000, "prior": 4000},
+                               flows={"laplace": 8, "prior": 16}, hidden=None, lr=0.01)
 
 
 def main(argv=None):
-    return vi.run_flow_method(build_parser().parse_args(argv), build_layers)
+    return flow.run_flow_method(build_parser().parse_args(argv), build_layers)
 
 
 if __name__ == "__main__":

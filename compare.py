@@ -26,14 +26,11 @@ import sys
 import time
 import traceback
 
-from gravity_flows.command import cli
-from gravity_flows.scoring import convergence
-from gravity_flows.reporting import figures
 import forward
-from gravity_flows.inference import refine
-from gravity_flows.command import runner
-from gravity_flows.inference import start
-from gravity_flows.command import sweep
+from gravity_flows.command import cli, runner, sweep
+from gravity_flows.inference import refine, start
+from gravity_flows.reporting import figures
+from gravity_flows.scoring import convergence
 from forward import DataError
 
 METHODS = ("MCMC", "planar", "auto_Affine", "auto_NSF", "coupling_Affine", "coupling_NSF", "invertible_Affine")
@@ -190,25 +187,26 @@ def time_per_iteration(methods, problem, laplace, device_name="cpu", iterations=
     """
     import torch
 
+    from gravity_flows.command import flow
     from gravity_flows.inference import vi
 
-    device = vi.device_for(device_name)
+    device = flow.device_for(device_name)
     log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)
     init = start.choose_start("auto", problem, laplace).init
     models = {}
     for method in methods:
         script = _script(method)
-        args = vi.resolve_defaults(script.build_parser().parse_args([]), init)
-        models[method] = (vi.build_flow(args, script.build_layers, laplace, problem, device, init), args)
+        args = flow.resolve_defaults(script.build_parser().parse_args([]), init)
+        models[method] = (flow.build_flow(args, script.build_layers, laplace, problem, device, init), args)
     if not models:
         return {}
     any_args = next(iter(models.values()))[1]
-    models["bare"] = (vi.build_flow(any_args, lambda args, dim: [], laplace, problem, device, init), any_args)
+    models["bare"] = (flow.build_flow(any_args, lambda args, dim: [], laplace, problem, device, init), any_args)
     generator = torch.Generator(device=device).manual_seed(0)
 
     def train(model, args, n):
-        vi.train(model, log_likelihood, problem.log_prior_density, n, TIMING_BATCH, args.lr, args.clip_norm,
-                 args.clip_value, generator=generator, progress=False)
+        vi.train(model, log_likelihood, problem.log_prior_density, iterations=n, batch=TIMING_BATCH, lr=args.lr,
+                 clip_norm=args.clip_norm, clip_value=args.clip_value, generator=generator, progress=False)
 
     for model, args in models.values():
         train(model, args, warm_up)

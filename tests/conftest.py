@@ -29,7 +29,7 @@ def default_reference(default_problem, default_laplace):
 
 
 # Tests run on small tensors: one thread avoids OpenMP's costly waits on a busy 2-core machine
-# (the scripts do the same on the CPU, see vi.device_for).
+# (the scripts do the same on the CPU, see flow.device_for).
 import torch  # noqa: E402
 
 torch.set_num_threads(1)

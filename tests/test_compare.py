@@ -16,8 +16,7 @@ from gravity_flows.reporting import figures
 import Gravity_MCMC
 import Gravity_coupling_NSF
 import Gravity_planar
-from gravity_flows.command import runner
-from gravity_flows.command import sweep
+from gravity_flows.command import runner, sweep
 from forward import DataError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -244,7 +243,7 @@ def test_sweep_spec_forms(argv):
 
 def test_script_parser_gives_the_script_s_own_options():
     flow = sweep.script_parser(Gravity_coupling_NSF.main).parse_args([])
-    # --iterations defaults by the start --init chooses (vi.resolve_defaults), 2000 from the Laplace start
+    # --iterations defaults by the start --init chooses (flow.resolve_defaults), 2000 from the Laplace start
     assert (flow.method, flow.bins, flow.iterations, flow.default_iterations["laplace"]) == ("coupling_NSF", 8, None, 2000)
     assert sweep.script_parser(Gravity_MCMC.main).get_default("out").endswith("MCMC")
 

@@ -5,8 +5,8 @@ import time
 import numpy as np
 import pytest
 
-from gravity_flows.scoring import convergence
 import forward
+from gravity_flows.scoring import convergence
 import Gravity_MCMC as mcmc
 
 

@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 import torch
 
-from gravity_flows.command import cli
 import forward
+from gravity_flows.command import cli
 import Gravity_MCMC
 import Gravity_planar
-from gravity_flows.reporting import output
 from gravity_flows.command import runner
+from gravity_flows.reporting import output
 from ctrl_c import after_writing
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,9 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from gravity_flows.reporting import figures
 import forward
-from gravity_flows.reporting import output
+from gravity_flows.reporting import figures, output
 from gravity_flows.scoring import reference
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -104,7 +104,7 @@ def test_the_root_holds_the_scripts_the_physics_and_the_comparison_only():
 def test_the_import_finder_sees_every_form_of_import():
     graph = import_graph()
     assert f"{PACKAGE}.flows.layers" in graph["Gravity_planar"]  # from gravity_flows.flows.layers import Planar
-    assert f"{PACKAGE}.command.cli" in graph["Gravity_planar"]  # from gravity_flows.command import cli
+    assert f"{PACKAGE}.command.flow" in graph["Gravity_planar"]  # from gravity_flows.command import flow, runner
     assert "forward" in graph[f"{PACKAGE}.scoring.reference"]  # import forward
 
 
@@ -112,6 +112,14 @@ def test_no_shared_module_imports_a_script():
     graph = import_graph()
     offenders = {name: sorted(graph[name] & SCRIPTS) for name in SHARED if graph[name] & SCRIPTS}
     assert not offenders
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    """Inference never imports reporting or the command line; nothing below the command imports it."""
+    graph = import_graph()
+    offenders = {name: sorted(other for other in graph[name] if rank(other) > rank(name))
+                 for name in SHARED if layer(name) != "package"}
+    assert not {name: above for name, above in offenders.items() if above}
 
 
 def test_the_shared_modules_import_each_other_without_a_circle():

@@ -421,9 +421,11 @@ def test_score_is_per_parameter_and_sees_a_shift(free_default):
 
 
 def test_command_line_prints_the_free_density_reference(capsys):
-    reference.main(["--density-bounds", "1000", "4000"])
+    from gravity_flows.command import reference as reference_command
+
+    reference_command.main(["--density-bounds", "1000", "4000"])
     text = capsys.readouterr().out
     assert "drho" in text and "log evidence" in text
     with pytest.raises(SystemExit) as exit_info:
-        reference.main(["--density-bounds", "-1000", "4000"])
+        reference_command.main(["--density-bounds", "-1000", "4000"])
     assert exit_info.value.code == 2

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gravity_flows.scoring import diagnostics
 from gravity_flows.inference import refine
+from gravity_flows.scoring import diagnostics
 
 #: Tolerances are this many Monte Carlo standard errors (a 4-sigma miss has probability 6e-5).
 N_SE = 4

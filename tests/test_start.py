@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from gravity_flows.scoring import diagnostics
 import forward
 from gravity_flows.inference import start
+from gravity_flows.scoring import diagnostics
 
 
 @pytest.fixture(scope="module")

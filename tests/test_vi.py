@@ -13,8 +13,8 @@ import Gravity_coupling_Affine
 import Gravity_coupling_NSF
 import Gravity_invertible_Affine
 import Gravity_planar
-from gravity_flows.inference import vi
 from gravity_flows.flows.autoregressive import AutoregressiveAffine, AutoregressiveSpline
+from gravity_flows.inference import vi
 from layer_harness import randomize_
 from gravity_flows.flows.layers import AffineCoupling
 from gravity_flows.flows.splines import SplineCoupling
@@ -61,7 +61,7 @@ def make_flow(layers, shift_theta, scale_theta, seed=0):
 
 def fit(model, log_target, iterations, batch=64, lr=0.01, seed=0, n_eval=20_000):
     generator = torch.Generator().manual_seed(seed)
-    vi.train(model, log_target, LOG_PRIOR, iterations, batch, lr, generator=generator, progress=False)
+    vi.train(model, log_target, LOG_PRIOR, iterations=iterations, batch=batch, lr=lr, generator=generator, progress=False)
     theta, log_weights = vi.evaluate(model, log_target, LOG_PRIOR, n_eval, generator)
     return theta, log_weights
 
@@ -178,7 +178,7 @@ def test_nan_loss_stops_training_naming_the_iteration():
 
     model = make_flow([], [0, 0, 0], [1, 1, 1])
     with pytest.raises(vi.TrainingDiverged, match="iteration 3 of 10"):
-        vi.train(model, failing_target, LOG_PRIOR, 10, 8, 0.01, progress=False)
+        vi.train(model, failing_target, LOG_PRIOR, iterations=10, batch=8, lr=0.01, progress=False)
 
 
 def test_importance_diagnostics_of_an_exact_q():
@@ -238,7 +238,7 @@ def test_annealing_fits_a_curved_ridge_better_from_the_prior():
             torch.manual_seed(0)
             model = vi.FlowPosterior(layers_of("auto_Affine"), RIDGE_BOUNDS, np.zeros(3), np.eye(3)).double()
         generator = torch.Generator().manual_seed(0)
-        vi.train(model, ridge_log_likelihood, log_prior, 1500, 64, 0.005, generator=generator, progress=False,
+        vi.train(model, ridge_log_likelihood, log_prior, iterations=1500, batch=64, lr=0.005, generator=generator, progress=False,
                  anneal=anneal)
         _, log_weights = vi.evaluate(model, ridge_log_likelihood, log_prior, 20_000, generator)
         kl[anneal] = log_z - np.mean(log_weights)
@@ -266,7 +266,7 @@ def test_training_checks_the_loss_without_a_host_sync_every_step(monkeypatch):
         return -0.5 * theta.square().sum(-1)
 
     model = make_flow([], [0, 0, 0], [1, 1, 1])
-    history, _ = vi.train(model, plain_gaussian, LOG_PRIOR, 500, 8, 0.01, progress=False)
+    history, _ = vi.train(model, plain_gaussian, LOG_PRIOR, iterations=500, batch=8, lr=0.01, progress=False)
     assert history.shape == (500,) and np.all(np.isfinite(history))
     assert syncs["n"] <= 500 // vi.CHECK_EVERY * 3 + 10  # a few per check, none per step
 
@@ -282,7 +282,7 @@ def test_scoring_at_checkpoints_is_not_counted_as_training_time():
         time.sleep(0.3)
 
     started = time.perf_counter()
-    _, seconds = vi.train(model, gaussian_log_target, LOG_PRIOR, 200, 8, 0.01, progress=False,
+    _, seconds = vi.train(model, gaussian_log_target, LOG_PRIOR, iterations=200, batch=8, lr=0.01, progress=False,
                           checkpoints=(50, 100, 200), on_checkpoint=slow_scorer)
     elapsed = time.perf_counter() - started
     assert [iteration for iteration, _ in calls] == [50, 100, 200]

@@ -15,8 +15,8 @@ from scipy.special import logsumexp
 
 import forward
 import Gravity_MCMC
-from gravity_flows.scoring import reference
 from gravity_flows.inference import start
+from gravity_flows.scoring import reference
 
 NOISE = 1e4  # µGal
 DENSITY_BOUNDS = (1000.0, 4000.0)
@@ -256,7 +256,9 @@ def test_adaptive_metropolis_from_the_prior_matches_the_reference(weak):
 
 
 def test_command_line_prints_the_weak_reference(capsys):
-    reference.main(["--noise", "1e4"])
+    from gravity_flows.command import reference as reference_command
+
+    reference_command.main(["--noise", "1e4"])
     text = capsys.readouterr().out
     assert "with noise 10000 µGal" in text and "over the whole prior box" in text
     assert "warning: the data barely constrain the body" in text and "log evidence: -10618.58" in text

@@ -15,9 +15,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from gravity_flows.command import cli
+from gravity_flows.command import cli, sweep
 from gravity_flows.reporting import output
-from gravity_flows.command import sweep
 from forward import DataError
 
 

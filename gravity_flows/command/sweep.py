@@ -33,10 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from gravity_flows.command import cli
+from gravity_flows.reporting import figures, output
 from gravity_flows.scoring import convergence
-from gravity_flows.reporting import figures
-from gravity_flows.reporting import output
-from gravity_flows.scoring import reference as reference_module
+from gravity_flows.scoring.reference import compute_reference
 from forward import DataError
 
 # ----------------------------------------------------------------------------------------------
@@ -272,7 +271,7 @@ def run_sweep(main, argv):
         key = json.dumps([args.data, args.noise, args.density, list(args.bounds), args.density_bounds])
         if key not in references:
             problem = cli.load_problem(args)
-            references[key] = (problem, reference_module.compute_reference(problem))
+            references[key] = (problem, compute_reference(problem))
         problem_of_run.append(references[key])
 
     statuses = []

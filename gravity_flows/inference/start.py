@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gravity_flows.scoring import diagnostics
 import forward
+from gravity_flows.scoring import diagnostics
 
 N_DRAWS = 4000
 #: Smallest normalised importance ESS at which the Laplace Gaussian counts as a description of the posterior

@@ -29,17 +29,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gravity_flows.command import cli
-from gravity_flows.scoring import convergence
-from gravity_flows.scoring import diagnostics
-from gravity_flows.reporting import figures
 import forward
-from gravity_flows.scoring import reference as reference_module
-from gravity_flows.inference import refine
-from gravity_flows.reporting import report
-from gravity_flows.flows import splines
-from gravity_flows.inference import start as start_module
 from gravity_flows.flows.layers import FlowSequence
+from gravity_flows.scoring import convergence, diagnostics
 
 #: The base map's diagonal is softplus(raw + _DIAGONAL_SHIFT) + _DIAGONAL_EPS: exactly 1 at raw = 0, never 0.
 _DIAGONAL_EPS = 1e-6
@@ -123,7 +115,7 @@ def anneal_schedule(iterations, fraction, beta_start=BETA_START):
     return beta
 
 
-def train(model, log_likelihood, log_prior, iterations, batch, lr, clip_norm=None, clip_value=None,
+def train(model, log_likelihood, log_prior, *, iterations, batch, lr, clip_norm=None, clip_value=None,
           generator=None, progress=True, stop=None, anneal=0.0, checkpoints=(), on_checkpoint=None):
     """Maximise the (annealed) ELBO with Adam and a cosine decay of the learning rate to zero.
 
@@ -222,180 +214,3 @@ def importance_diagnostics(log_weights, log_evidence=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line, shared by the six flow scripts
-
-
-#: The share of the iterations over which the likelihood is annealed when a flow starts from the prior.
-ANNEAL_FROM_PRIOR = 0.6
-
-
-def _by_start(value):
-    """A default that may depend on the start: a number, or ``{"laplace": .., "prior": ..}``."""
-    return value if isinstance(value, dict) else {"laplace": value, "prior": value}
-
-
-def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=False):
-    """The common options plus the flow options, with this method's defaults (``hidden=None``: no conditioner).
-
-    ``iterations``, ``flows`` and ``lr`` are numbers or ``{"laplace": .., "prior": ..}``: the default
-    then depends on the start that ``--init`` (or ``auto``) chooses; :func:`resolve_defaults` fills them in.
-    """
-    parser = cli.common_parser(doc, method, default_samples=10_000)
-    iterations, flows, lr = _by_start(iterations), _by_start(flows), _by_start(lr)
-    parser.set_defaults(default_iterations=iterations, default_flows=flows, default_lr=lr)
-
-    def by_start(values):
-        if values["laplace"] == values["prior"]:
-            return f"{values['laplace']}"
-        return f"{values['laplace']} from the Laplace start, {values['prior']} from the prior"
-
-    group = parser.add_argument_group("flow and training")
-    group.add_argument("--flows", type=cli.positive_int, help=f"number of flow layers (default: {by_start(flows)})")
-    if hidden is not None:
-        group.add_argument("--hidden", type=cli.positive_int, default=hidden, help="hidden units per conditioner layer (default: %(default)s)")
-    group.add_argument("--iterations", type=cli.positive_int, help=f"training iterations (default: {by_start(iterations)})")
-    group.add_argument("--lr", type=cli.positive_float,
-                       help=f"Adam's initial learning rate, decayed to 0 by a cosine (default: {by_start(lr)})")
-    group.add_argument("--batch", type=cli.positive_int, default=batch, help="Monte Carlo samples per training step (default: %(default)s)")
-    group.add_argument("--anneal", type=cli.fraction, metavar="FRACTION",
-                       help="anneal the likelihood: beta rises geometrically from 1e-4 to 1 over this share of the "
-                            f"iterations; 0: off (default: {ANNEAL_FROM_PRIOR} from the prior start, 0 from the Laplace start)")
-    clip = group.add_mutually_exclusive_group()
-    clip.add_argument("--clip-norm", type=cli.positive_float, metavar="X", help="clip the gradient's norm to X")
-    clip.add_argument("--clip-value", type=cli.positive_float, metavar="X", help="clip every gradient component to [-X, X]")
-    group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: %(default)s)")
-    if spline:
-        group.add_argument("--bins", type=cli.positive_int, default=splines.DEFAULT_BINS, help="spline bins K (default: %(default)s)")
-        group.add_argument("--tail-bound", type=cli.positive_float, default=splines.DEFAULT_TAIL_BOUND, metavar="B",
-                           help="the spline acts on [-B, B], identity outside (default: %(default)s)")
-    group.add_argument("--checkpoints", type=cli.nonnegative_int, default=0, metavar="N",
-                       help="score the flow against the exact reference at N iterations spaced geometrically "
-                            f"({convergence.CHECKPOINT_SAMPLES} draws each; not counted in the training time), for "
-                            "summary.json's 'convergence' and compare.py's convergence figure (default: %(default)s)")
-    group.add_argument("--refine", choices=refine.METHODS, default="none",
-                       help="after training, correct the flow's draws towards the posterior: importance = Pareto-smoothed "
-                            "importance resampling, mh = independence Metropolis-Hastings with the flow as proposal "
-                            "(default: %(default)s)")
-    return parser
-
-
-def resolve_defaults(args, init):
-    """Fill in the defaults that depend on the start (``init``: "laplace" or "prior") and return args."""
-    if args.iterations is None:
-        args.iterations = args.default_iterations[init]
-    if args.flows is None:
-        args.flows = args.default_flows[init]
-    if args.lr is None:
-        args.lr = args.default_lr[init]
-    if args.anneal is None:
-        args.anneal = ANNEAL_FROM_PRIOR if init == "prior" else 0.0
-    del args.default_iterations, args.default_flows, args.default_lr
-    return args
-
-
-def device_for(name):
-    """The torch device for ``--device``; on the CPU, one thread (see below)."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise forward.DataError("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False); "
-                                "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
-    if name == "cpu":
-        # A training step is a few dozen operations on 64 x 1000 numbers: splitting each across
-        # threads costs more than it saves, and on a busy machine OpenMP's waiting threads made
-        # steps 5-10 times slower (measured on 2 cores). One thread is also reproducible.
-        torch.set_num_threads(1)
-    return torch.device(name)
-
-
-def build_flow(args, build_layers, laplace, problem, device, init):
-    """The FlowPosterior for these options from the start ``init`` ("laplace" or "prior"), its layer
-    weights drawn from ``args.seed``.
-
-    The CPU's global generator is restored afterwards (training and sampling use their own
-    generators, so nothing depends on any global random state)."""
-    shift, scale_tril = standardisation(init, laplace)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        model = FlowPosterior(build_layers(args, problem.dim), problem.bounds, shift, scale_tril)
-    return model.to(device=device, dtype=torch.float64)
-
-
-def run_flow_method(args, build_layers):
-    """Everything a flow script does after parsing: data, reference, start, training, evaluation, refinement, outputs."""
-    with cli.Timer() as total:
-        device = device_for(args.device)
-        problem, out, laplace, reference = cli.setup_run(args)
-        chosen = start_module.choose_start(args.init, problem, laplace)
-        resolve_defaults(args, chosen.init)
-        print(f"start: {chosen.init} ({chosen.reason})" + (f"; annealing over {100 * args.anneal:.0f} % of "
-              f"{args.iterations} iterations" if args.anneal else ""), file=sys.stderr)
-
-        model = build_flow(args, build_layers, laplace, problem, device, chosen.init)
-        log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-        recorder = convergence.Recorder()
-        scoring_generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # training's draws stay the same
-
-        def score_now(iteration, seconds):
-            theta_now, _ = evaluate(model, log_likelihood, problem.log_prior_density, convergence.CHECKPOINT_SAMPLES,
-                                    scoring_generator)
-            error = reference_module.score(theta_now, reference)["error"] if np.all(np.isfinite(theta_now)) else math.inf
-            recorder.add(iteration, seconds, chosen.likelihood_evaluations + iteration * args.batch, error, stage="training")
-
-        with cli.interruptible("training") as stop:
-            try:
-                history, train_seconds = train(model, log_likelihood, problem.log_prior_density, args.iterations,
-                                               args.batch, args.lr, args.clip_norm, args.clip_value, generator,
-                                               not args.quiet, stop, anneal=args.anneal,
-                                               checkpoints=convergence.checkpoint_iterations(args.iterations, args.checkpoints),
-                                               on_checkpoint=score_now)
-            except TrainingDiverged as error:
-                advice = f"try a smaller --lr (now {args.lr:g}) or gradient clipping (--clip-norm 10)"
-                advice += ", or --init laplace" if chosen.init == "prior" else ""
-                return cli.fail_without_results(out, f"{error}; {advice}")
-        n_draws = refine.draws_needed(args.refine, args.samples) if args.refine != "none" else args.samples
-        with cli.Timer() as evaluation:
-            theta, log_weights = evaluate(model, log_likelihood, problem.log_prior_density, n_draws, generator)
-        if not np.all(np.isfinite(theta)):
-            return cli.fail_without_results(out, "the trained flow draws non-finite samples; try a smaller --lr")
-        results = importance_diagnostics(log_weights, reference.log_evidence)
-        results.update(
-            start=chosen.summary(),
-            iterations=int(history.size),
-            anneal=args.anneal,
-            anneal_iterations=int(round(args.anneal * args.iterations)),
-            train_time_s=train_seconds,
-            time_per_iteration_ms=1e3 * train_seconds / history.size,
-            n_parameters=int(sum(p.numel() for p in model.parameters())),
-            likelihood_evaluations=chosen.likelihood_evaluations + int(history.size) * args.batch + n_draws,
-        )
-        cost = train_seconds + evaluation.seconds  # the flow's clock: training, then drawing its samples
-        vi_scores = reference_module.score(theta[:args.samples], reference)
-        recorder.add(history.size, cost, results["likelihood_evaluations"], vi_scores["error"], stage="trained")
-        lines = []
-        if args.refine != "none":
-            results["vi"] = {**vi_scores, **{key: results[key] for key in ("kl", "is_ess", "khat")}}
-            with cli.Timer() as refining:
-                theta, refined = refine.refine(args.refine, theta, log_weights, args.samples,
-                                               np.random.default_rng(args.seed))
-            results["refine"] = {**refined, "time_s": refining.seconds}
-            recorder.add(history.size, cost + refining.seconds, results["likelihood_evaluations"],
-                         reference_module.score(theta, reference)["error"], stage="refined")
-            lines.append(f"VI alone: error {results['vi']['error']:.4f}; refined by {args.refine}"
-                         + ("" if refined["trustworthy"] else " (NOT TRUSTWORTHY)"))
-            if not refined["trustworthy"]:
-                print(f"warning: {refined['warning']}", file=sys.stderr)
-        else:
-            theta = theta[:args.samples]
-        results["convergence"] = recorder.points
-    figures.plot_elbo(out / "elbo.png", history, reference.log_evidence, title=args.method,
-                      final_kl=(results["kl"], n_draws), anneal_end=results["anneal_iterations"])
-    summary = report.write_results(out, args, problem, reference, theta, results, total.seconds, stop.interrupted)
-    report.print_summary(summary, [
-        f"ELBO {results['elbo']:.4f} ± {results['elbo_se']:.4f}, KL(q||p) {results['kl']:.4f} nats, "
-        f"importance ESS {100 * results['is_ess']:.1f} %, PSIS k-hat {results['khat']:.2f}",
-        f"training: {history.size} iterations in {train_seconds:.1f} s "
-        f"({results['time_per_iteration_ms']:.2f} ms per iteration)",
-        *lines,
-    ])
-    print(f"wrote {out}/", file=sys.stderr)
-    return cli.EXIT_INTERRUPTED if stop.interrupted else 0

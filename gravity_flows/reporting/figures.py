@@ -38,7 +38,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa:
 from gravity_flows.scoring import diagnostics  # noqa: E402
 import forward  # noqa: E402
 from gravity_flows.reporting import output  # noqa: E402
-from gravity_flows.scoring import reference as reference_module  # noqa: E402
+from gravity_flows.scoring.reference import score  # noqa: E402
 
 #: Half-width of the parameter view in reference standard deviations.
 VIEW_SDS = 5.0
@@ -322,7 +322,7 @@ def _running_mean(values, window):
 
 def _scores(theta, reference):
     """W1/sd per parameter against the reference (:func:`reference.score`)."""
-    return reference_module.score(theta, reference)["w1_over_sd"]
+    return score(theta, reference)["w1_over_sd"]
 
 
 def plot_marginals(path, theta, reference=None, truth=None, title="", scores=None, parameters=forward.SPHERE, bounds=None):

@@ -5,10 +5,8 @@ import sys
 
 import numpy as np
 
-from gravity_flows.reporting import figures
-import forward
-from gravity_flows.reporting import output
-from gravity_flows.scoring import reference as reference_module
+from gravity_flows.reporting import figures, output
+from gravity_flows.scoring.reference import score
 
 
 def data_description(problem):
@@ -50,7 +48,7 @@ def write_results(out, args, problem, reference, theta, method_results, wall_tim
     summary dict. Figures and the summary are written even when a diagnostic is unreliable.
     """
     theta = np.asarray(theta, dtype=float)
-    scores = reference_module.score(theta, reference)
+    scores = score(theta, reference)
     title = f"{args.method}" + (" (interrupted)" if interrupted else "")
     summary = {
         "method": args.method,
