@@ -3,8 +3,12 @@ from pathlib import Path
 
 import pytest
 
+# The tests mirror the package (tests/flows/ for gravity_flows/flows/, ...); end-to-end runs of the scripts,
+# faults and bad input are in tests/integration/. The project's root (the scripts, forward.py and the
+# package) and tests/ itself (the shared layer harness) are importable from every folder.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session")

@@ -238,7 +238,7 @@ def test_check_bounds(bounds, message):
 
 def test_data_without_an_anomaly_get_a_weak_posterior_not_an_error():
     """Pure noise: no peak in theta at the best fit, but a posterior all the same, close to the prior and flagged
-    as weak (it used to be refused with "the data do not determine the sphere"; tests/test_weak_data.py checks it)."""
+    as weak (it used to be refused with "the data do not determine the sphere"; tests/integration/test_weak_data.py checks it)."""
     stations = np.linspace(-20, 20, 50)
     noise = forward.Problem(stations, np.random.default_rng(1).normal(size=50), 1.0, bounds=np.array(forward.DEFAULT_BOUNDS))
     laplace = forward.laplace_approximation(noise)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = (
     "Gravity_MCMC.py",
     "Gravity_planar.py",

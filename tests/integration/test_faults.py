@@ -30,7 +30,7 @@ from gravity_flows.command import runner
 from gravity_flows.reporting import output
 from ctrl_c import after_writing
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMMON_FILES = ("marginals.png", "predictive_check.png", "pairs.png", "summary.json", "samples.npz")
 FLOW_FILES = COMMON_FILES + ("elbo.png",)
 MCMC_FILES = COMMON_FILES + ("trace.png", "autocorrelation.png", "misfit.png")
@@ -183,7 +183,7 @@ def test_a_second_ctrl_c_while_the_results_are_written_leaves_nothing_of_the_run
     """First Ctrl-C in the sampling loop; the second right after samples.npz is in place, before summary.json."""
     out = tmp_path / "out"
     plant_earlier_result(out, FLOW_FILES)
-    run = Running("tests/ctrl_c.py", "samples.npz", "Gravity_MCMC.py", "--iterations", 10_000_000,
+    run = Running("tests/integration/ctrl_c.py", "samples.npz", "Gravity_MCMC.py", "--iterations", 10_000_000,
                   "--burn-in", 200, "--samples", 500, "--out", out)
     run.wait_for("sampling")
     time.sleep(0.3)

@@ -15,7 +15,8 @@ import pytest
 
 import forward
 from gravity_flows.reporting import figures, output
-from gravity_flows.scoring import reference
+from gravity_flows.reporting.figures import posterior, style
+from gravity_flows.scoring import predictive, reference
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -63,27 +64,27 @@ def gaussian_grid(covariance, half_width=6.0, n=301):
     return xs, ys, density
 
 
-@pytest.mark.parametrize("radius, mass", [(1.0, figures.ONE_SIGMA_MASS), (2.0, figures.TWO_SIGMA_MASS)])
+@pytest.mark.parametrize("radius, mass", [(1.0, predictive.ONE_SIGMA_MASS), (2.0, predictive.TWO_SIGMA_MASS)])
 def test_credible_level_of_a_gaussian_is_its_density_on_the_mahalanobis_ellipse(radius, mass):
     covariance = np.array([[0.03**2, 0.94 * 0.03 * 0.009], [0.94 * 0.03 * 0.009, 0.009**2]])  # like z–R
     xs, ys, density = gaussian_grid(covariance)
-    (level,) = figures.credible_levels(density, figures._cell_areas(xs, ys), masses=(mass,))
+    (level,) = predictive.credible_levels(density, style._cell_areas(xs, ys), masses=(mass,))
     on_ellipse = math.exp(-0.5 * radius**2) / (2 * math.pi * math.sqrt(np.linalg.det(covariance)))
     assert level == pytest.approx(on_ellipse, rel=0.02)
 
 
 def test_credible_levels_are_ordered_and_mass_constants_are_gaussian():
-    assert figures.ONE_SIGMA_MASS == pytest.approx(0.393, abs=5e-4)
-    assert figures.TWO_SIGMA_MASS == pytest.approx(0.865, abs=5e-4)
+    assert predictive.ONE_SIGMA_MASS == pytest.approx(0.393, abs=5e-4)
+    assert predictive.TWO_SIGMA_MASS == pytest.approx(0.865, abs=5e-4)
     xs, ys, density = gaussian_grid(np.eye(2))
-    one, two = figures.credible_levels(density, figures._cell_areas(xs, ys))
+    one, two = predictive.credible_levels(density, style._cell_areas(xs, ys))
     assert one > two > 0
 
 
 def test_credible_level_accepts_a_scalar_cell_area():
     xs, ys, density = gaussian_grid(np.eye(2))
     area = (xs[1] - xs[0]) * (ys[1] - ys[0])
-    (level,) = figures.credible_levels(density, area, masses=(figures.ONE_SIGMA_MASS,))
+    (level,) = predictive.credible_levels(density, area, masses=(predictive.ONE_SIGMA_MASS,))
     assert level == pytest.approx(math.exp(-0.5) / (2 * math.pi), rel=0.02)
 
 
@@ -93,7 +94,7 @@ def test_credible_level_accepts_a_scalar_cell_area():
 
 def test_view_zooms_to_the_posterior_not_the_prior_box(default_reference, default_problem, theta):
     for i in range(3):
-        low, high = figures._view_limits(theta[:, i], default_reference, i, default_problem.truth[i])
+        low, high = style._view_limits(theta[:, i], default_reference, i, default_problem.truth[i])
         sd = default_reference.sd[i]
         assert high - low < 14 * sd  # ± 5 sd and a small margin, not the metres-wide prior box
         assert low < default_reference.mean[i] - 4.9 * sd and high > default_reference.mean[i] + 4.9 * sd
@@ -101,18 +102,18 @@ def test_view_zooms_to_the_posterior_not_the_prior_box(default_reference, defaul
 
 def test_view_widens_to_hold_samples_far_off(default_reference, theta):
     shifted = theta[:, 1] + 100 * default_reference.sd[1]
-    low, high = figures._view_limits(shifted, default_reference, 1)
+    low, high = style._view_limits(shifted, default_reference, 1)
     assert low < default_reference.mean[1] and high > np.quantile(shifted, 0.99)
 
 
 def test_view_of_identical_samples_has_width():
-    low, high = figures._view_limits(np.full(50, 2.0))
+    low, high = style._view_limits(np.full(50, 2.0))
     assert low < 2.0 < high
 
 
 def test_running_mean_is_centred_and_skips_nan():
     values = np.array([1.0, 2.0, 3.0, np.nan, 5.0])
-    np.testing.assert_allclose(figures._running_mean(values, 3), [1.5, 2.0, 2.5, 4.0, 5.0])
+    np.testing.assert_allclose(style._running_mean(values, 3), [1.5, 2.0, 2.5, 4.0, 5.0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ class RidgeStandIn:
         self.mean = np.array([np.trapezoid(d * x, x) for x, d in marginals])
         self.sd = np.sqrt([np.trapezoid(d * (x - m) ** 2, x) for (x, d), m in zip(marginals, self.mean)])
         self.correlation = np.eye(4)
-        for i, j in figures._pairs(4):
+        for i, j in style._pairs(4):
             a, b, d = self.joint_marginal(i, j)
             cross = np.outer(a - self.mean[i], b - self.mean[j]) * d
             self.correlation[i, j] = self.correlation[j, i] = np.trapezoid(np.trapezoid(cross, b), a) / (self.sd[i] * self.sd[j])
@@ -350,7 +351,7 @@ def test_the_stand_in_ridge_is_the_posterior_the_spec_describes(ridge_reference,
         x, density = ridge_reference.marginal(i)
         assert np.trapezoid(density, x) == pytest.approx(1.0, abs=1e-3)
         assert ridge_theta[:, i].mean() == pytest.approx(ridge_reference.mean[i], abs=4 * ridge_reference.sd[i] / math.sqrt(4000))
-    for i, j in figures._pairs(4):
+    for i, j in style._pairs(4):
         a, b, density = ridge_reference.joint_marginal(i, j)
         assert np.trapezoid(np.trapezoid(density, b), a) == pytest.approx(1.0, abs=2e-3)
 
@@ -404,7 +405,7 @@ def test_four_unknowns_give_six_pairs_and_the_ridge_against_its_exact_density(tm
     assert 1000.0 <= low and high <= 4000.0
     assert len(ridge.collections) >= 2, "samples and the exact contours"
     # the curve of equal mass passes through the truth's Δρ R³ (the data fix the mass)
-    (curve,) = [line for line in ridge.lines if line.get_color() == figures.MASS_CURVE_COLOUR]
+    (curve,) = [line for line in ridge.lines if line.get_color() == style.MASS_CURVE_COLOUR]
     radius, contrast = curve.get_data()
     product = contrast * radius**3
     assert np.ptp(product) < 1e-9 * product[0]
@@ -412,7 +413,7 @@ def test_four_unknowns_give_six_pairs_and_the_ridge_against_its_exact_density(tm
     # the magnified piece of the ridge shows its thickness: a window of ± 6 sd across it
     (inset,) = ridge.child_axes
     across = math.sqrt(ridge_reference.cov[2, 2]) / ridge_reference._s(ridge_reference.mean[3])  # sd of R = r / s at fixed Δρ
-    assert np.diff(inset.get_xlim())[0] == pytest.approx(2 * figures.RIDGE_INSET_SDS * across, rel=0.05)
+    assert np.diff(inset.get_xlim())[0] == pytest.approx(2 * posterior.RIDGE_INSET_SDS * across, rel=0.05)
     assert inset.collections, "samples and contours in the magnified window"
 
 
@@ -455,15 +456,15 @@ def test_parameters_that_do_not_match_the_samples_are_refused(tmp_path, ridge_th
 @pytest.mark.parametrize("value, sd, text", [(2389.55, 870.3, "2390"), (2.97885, 0.0303, "2.979"), (1.99822, 0.0094, "1.9982"),
                                              (56.4, 12.0, "56"), (3.0000000439, 6.4e-9, "3.0000000439")])
 def test_values_are_shown_to_two_digits_of_their_uncertainty(value, sd, text):
-    assert figures._fixed(value, figures._decimals(sd)) == text
+    assert style._fixed(value, style._decimals(sd)) == text
 
 
 def test_view_never_leaves_the_prior_box(ridge_reference, ridge_theta, free_problem):
     for i in range(4):
-        low, high = figures._view_limits(ridge_theta[:, i], ridge_reference, i, free_problem.truth[i], free_problem.bounds[i])
+        low, high = style._view_limits(ridge_theta[:, i], ridge_reference, i, free_problem.truth[i], free_problem.bounds[i])
         assert free_problem.bounds[i, 0] <= low < high <= free_problem.bounds[i, 1]
     # without the box the view of Δρ would reach below zero (mean - 5 sd = -1960 kg/m³) or past the grid
-    low, high = figures._view_limits(np.empty(0), ridge_reference, 3)
+    low, high = style._view_limits(np.empty(0), ridge_reference, 3)
     assert low > 900.0 and high < 4100.0
 
 
@@ -511,15 +512,15 @@ def test_only_the_contour_that_exists_is_drawn():
     density[10, 10] = 0.0
     density[10, 10] = 1.5 * density.sum()
     figure, ax = plt.subplots()
-    assert not figures._draw_exact_contours(ax, nodes, nodes, density)
+    assert not style._draw_exact_contours(ax, nodes, nodes, density)
     (contours,) = ax.collections
     assert len(contours.levels) == 1 and 0 < contours.levels[0] < density.max()
     plt.close(figure)
 
 
 def test_credible_levels_of_a_density_without_mass_are_nan():
-    assert np.isnan(figures.credible_levels(np.zeros((4, 4)), 1.0)).all()
-    assert np.isnan(figures.credible_levels(np.full((4, 4), np.nan), 1.0)).all()
+    assert np.isnan(predictive.credible_levels(np.zeros((4, 4)), 1.0)).all()
+    assert np.isnan(predictive.credible_levels(np.full((4, 4), np.nan), 1.0)).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,7 +528,7 @@ def test_credible_levels_of_a_density_without_mass_are_nan():
 
 
 def test_signal_band_lies_inside_the_predictive_band_and_is_much_narrower(default_problem, theta):
-    bands = figures.predictive_bands(default_problem, theta, np.random.default_rng(11))
+    bands = predictive.predictive_bands(default_problem, theta, np.random.default_rng(11))
     assert np.all(np.diff(bands.stations) > 0)
     assert np.all(bands.predictive_low <= bands.signal_low) and np.all(bands.signal_high <= bands.predictive_high)
     assert np.all(bands.signal_low <= bands.mean) and np.all(bands.mean <= bands.signal_high)
@@ -540,7 +541,7 @@ def test_signal_band_lies_inside_the_predictive_band_and_is_much_narrower(defaul
 
 
 def test_predictive_band_of_one_parameter_set_is_the_noise_alone(default_problem):
-    bands = figures.predictive_bands(default_problem, default_problem.truth[None, :], np.random.default_rng(12))
+    bands = predictive.predictive_bands(default_problem, default_problem.truth[None, :], np.random.default_rng(12))
     np.testing.assert_array_equal(bands.signal_low, bands.signal_high)
     width = bands.predictive_high - bands.predictive_low
     assert width.mean() == pytest.approx(2 * 1.6449 * default_problem.noise_sd, rel=0.01)  # N(0, σ²) 5–95 %
@@ -548,11 +549,11 @@ def test_predictive_band_of_one_parameter_set_is_the_noise_alone(default_problem
 
 def test_predictions_use_each_samples_density_contrast(free_problem, ridge_theta):
     doubled = np.array([[3.0, 6.0, 2.0, 5000.0]])
-    bands = figures.predictive_bands(free_problem, doubled, np.random.default_rng(13))
+    bands = predictive.predictive_bands(free_problem, doubled, np.random.default_rng(13))
     at_2500 = forward.sphere_anomaly(bands.stations, doubled[0, :3], 2500.0)
     np.testing.assert_allclose(bands.mean, 2.0 * at_2500, rtol=1e-12)
     # along the ridge the mass, and so the signal, is fixed: the band is as narrow as with Δρ known
-    ridge = figures.predictive_bands(free_problem, ridge_theta, np.random.default_rng(14))
+    ridge = predictive.predictive_bands(free_problem, ridge_theta, np.random.default_rng(14))
     assert np.max(ridge.signal_high - ridge.signal_low) < 0.5
 
 

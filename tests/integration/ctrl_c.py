@@ -1,11 +1,11 @@
-"""Ctrl-C at a chosen moment of a run, for the interrupt tests (tests/test_faults.py).
+"""Ctrl-C at a chosen moment of a run, for the interrupt tests (tests/integration/test_faults.py).
 
 :func:`after_writing` wraps ``output.atomic_path`` so that the process sends itself SIGINT right after
 a chosen file has been renamed into place: the moment is exact, not a guess of how long a run takes.
 Run as a script, this module runs a script as ``__main__`` with that wrapper in place, in a real
 process whose Ctrl-C handlers (cli.quit_now, cli.interruptible) and ``os._exit`` are the real ones:
 
-    python tests/ctrl_c.py FILE SCRIPT [OPTIONS...]     # Ctrl-C right after SCRIPT has written FILE
+    python tests/integration/ctrl_c.py FILE SCRIPT [OPTIONS...]     # Ctrl-C right after SCRIPT has written FILE
 """
 
 import os

@@ -15,7 +15,7 @@ import Gravity_coupling_NSF
 import Gravity_invertible_Affine
 import Gravity_planar
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FLOW_SCRIPTS = [Gravity_planar, Gravity_coupling_Affine, Gravity_invertible_Affine, Gravity_auto_Affine,
                 Gravity_auto_NSF, Gravity_coupling_NSF]
 FLOW_FILES = ["marginals.png", "predictive_check.png", "pairs.png", "elbo.png", "summary.json", "samples.npz"]
