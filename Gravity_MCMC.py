@@ -39,8 +39,7 @@ diagnostics, see ``start.py``), always inside the box, and said on the ``start:`
   with the Laplace covariance (in the sampling coordinates, by the delta method) scaled by 2.38²/d;
 * ``prior``: the first chain starts at the original's (5.5, 8.5, 4.5) (and the centre of the density
   range) where that lies inside the box, at the box's centre where it does not; the others at draws
-  from the prior; the first proposal's sd is a hundredth of each coordinate's prior range, adapted from
-  there. On the original's problem (the default data, density and box) ``--init prior`` is instead the
+  from the prior; the first proposal's sd is 3 % of each coordinate's prior range, adapted from there. On the original's problem (the default data, density and box) ``--init prior`` is instead the
   original's run exactly: one chain in theta from (5.5, 8.5, 4.5), isotropic 0.01 m proposal, no
   adaptation, 100000 kept + 20000 burn-in iterations. ``auto`` never runs it: its single chain and
   fixed steps mix only on the posterior the original had.
@@ -49,7 +48,7 @@ Defaults (:data:`DEFAULTS`, chosen from measurements on both problems and the un
 ``bench/unusual_inputs.py``): as many kept states as τ times the 10000 posterior samples, so that the
 samples are nearly independent draws (their error against the exact posterior is then that of exact
 draws, about 0.015), and a burn-in that learns the proposal: from the Laplace start 8 chains × (1000
-+ 15000) steps; from the prior 16 chains × (1500 + 10000).
++ 15000) steps; from the prior 16 chains × (1000 + 10000).
 
 ``--chains N`` runs N chains at once, vectorised over chains (one numpy operation per step for all
 of them). Diagnostics, of the parameters theta: acceptance rate, integrated autocorrelation time and
@@ -84,6 +83,12 @@ ORIGINAL_PROPOSAL_SCALE = 0.01
 ADAPT_EVERY = 200
 #: States scored at each checkpoint (thinned evenly from every chain's kept states so far).
 CHECKPOINT_DRAWS = 20_000
+#: The burn-in goes on (up to MAX_BURN_IN_FACTOR times --burn-in) while the acceptance of its last window is
+#: below ACCEPTANCE_FLOOR: the adapted proposal does not work yet. A working one accepts 15-35 % here (also on a
+#: posterior pressed on a bound, which rejects many proposals); one adapted from chains still on their way in
+#: accepted 1 % (a one-flank profile, seed 0: τ 330 steps instead of 19).
+ACCEPTANCE_FLOOR = 0.05
+MAX_BURN_IN_FACTOR = 5
 #: The regulariser's share of the first proposal's variance, per coordinate (Haario et al.'s epsilon).
 REGULARISER = 1e-6
 #: A run is reported as not converged above this split R-hat or below this smallest ESS
@@ -229,17 +234,22 @@ def adapted_proposal(states, scale, regulariser):
 
 
 def sample(problem, starts, proposal_chol, burn_in, iterations, rng, adapt=True, scale=None, adapt_every=ADAPT_EVERY,
-           progress=False, stop=None, checkpoints=(), on_checkpoint=None):
+           max_burn_in=None, acceptance_floor=ACCEPTANCE_FLOOR, progress=False, stop=None, checkpoints=(),
+           on_checkpoint=None):
     """Run ``len(starts)`` chains of random-walk Metropolis–Hastings together: ``burn_in`` steps, adapting
     the proposal every ``adapt_every`` steps if ``adapt``, then ``iterations`` kept steps with the last
     proposal fixed.
 
     ``starts``: (n_chains, dim) inside the box; ``proposal_chol``: (dim, dim) Cholesky factor of the
     first proposal covariance; ``scale``: the factor on the chains' covariance (default 2.38²/d).
-    Returns a :class:`Sampled`; a run stopped by ``stop.interrupted`` returns the steps it made.
-    After each number of kept steps listed in ``checkpoints``, ``on_checkpoint(kept_chains, seconds,
-    evaluations)`` is called with the kept states so far, the sampling time so far (the callback's
-    own time is not counted) and the likelihood evaluations so far.
+    ``max_burn_in`` (adapting only; default ``burn_in``): the burn-in goes on, a window at a time, while
+    the last window's acceptance is below ``acceptance_floor`` — the proposal it adapted does not work
+    yet (chains still on their way in inflate the chains' covariance) — up to this many steps.
+    Returns a :class:`Sampled` (its ``burn_in`` the steps the burn-in took); a run stopped by
+    ``stop.interrupted`` returns the steps it made. After each number of kept steps listed in
+    ``checkpoints``, ``on_checkpoint(kept_chains, seconds, evaluations)`` is called with the kept states
+    so far, the sampling time so far (the callback's own time is not counted) and the likelihood
+    evaluations so far.
     """
     clock = convergence.Clock()
     current = np.array(starts, dtype=float)
@@ -250,42 +260,51 @@ def sample(problem, starts, proposal_chol, burn_in, iterations, rng, adapt=True,
     scale = optimal_scale(dim) if scale is None else scale
     proposal_chol = np.asarray(proposal_chol, dtype=float)
     regulariser = REGULARISER * np.diag(np.sum(proposal_chol**2, axis=1))  # diag(L L^T) of the first proposal
-    total = burn_in + iterations
-    chains = np.empty((total, n_chains, dim))
-    log_posterior = np.empty((total, n_chains))
+    longest_burn_in = max(burn_in, max_burn_in or 0) if adapt else burn_in
+    chains = np.empty((longest_burn_in + iterations, n_chains, dim))
+    log_posterior = np.empty((longest_burn_in + iterations, n_chains))
     evaluations = n_chains
     adapted_covariance, adaptations = None, 0
-    bar = tqdm(total=total, desc="sampling", disable=not progress, mininterval=0.5, file=sys.stderr)
-    done = 0
-    # the burn-in, in windows after each of which the proposal is re-estimated
-    while done < burn_in:
-        window = min(adapt_every, burn_in - done) if adapt else burn_in
-        steps, _, count = _steps(problem, current, current_log_post, proposal_chol, chains[done:done + window],
-                                 log_posterior[done:done + window], rng, bar, stop)
+    bar = tqdm(total=burn_in + iterations, desc="sampling", disable=not progress, mininterval=0.5, file=sys.stderr)
+    done, window_acceptance = 0, None
+    # the burn-in, in windows after each of which the proposal is re-estimated; on while the proposal fails
+    while True:
+        if done < burn_in:
+            window = min(adapt_every, burn_in - done) if adapt else burn_in
+        elif window_acceptance is not None and window_acceptance < acceptance_floor and done < longest_burn_in:
+            window = min(adapt_every, longest_burn_in - done)
+            bar.total += window
+        else:
+            break
+        steps, accepted, count = _steps(problem, current, current_log_post, proposal_chol, chains[done:done + window],
+                                        log_posterior[done:done + window], rng, bar, stop)
         done, evaluations = done + steps, evaluations + count
         if steps < window:  # interrupted
             break
+        window_acceptance = float(np.mean(accepted)) / steps
         if adapt:
             chol, covariance = adapted_proposal(chains[done // 2:done], scale, regulariser)
             if chol is not None:
                 proposal_chol, adapted_covariance, adaptations = chol, covariance, adaptations + 1
+    burned = done
+    total = burned + iterations
     accepted = np.zeros(n_chains)
     # the kept steps: one fixed proposal, an exact Metropolis–Hastings chain (in segments between checkpoints)
-    ends = sorted({burn_in + k for k in checkpoints if 0 < k < iterations} | {total})
+    ends = sorted({burned + k for k in checkpoints if 0 < k < iterations} | {total})
     for end in ends:
-        if done < burn_in:  # interrupted during the burn-in
+        if stop is not None and stop.interrupted:  # interrupted during the burn-in
             break
         steps, segment_accepted, count = _steps(problem, current, current_log_post, proposal_chol, chains[done:end],
                                                 log_posterior[done:end], rng, bar, stop)
         done, evaluations, accepted = done + steps, evaluations + count, accepted + segment_accepted
         if done < end:  # interrupted
             break
-        if on_checkpoint is not None and done - burn_in in checkpoints:
+        if on_checkpoint is not None and done - burned in checkpoints:
             seconds = clock.seconds()
             with clock.paused():
-                on_checkpoint(chains[burn_in:done], seconds, evaluations)
+                on_checkpoint(chains[burned:done], seconds, evaluations)
     bar.close()
-    return Sampled(chains[:done], log_posterior[:done], burn_in, accepted, proposal_chol, adapted_covariance,
+    return Sampled(chains[:done], log_posterior[:done], burned, accepted, proposal_chol, adapted_covariance,
                    adaptations, int(evaluations), clock.seconds())
 
 
@@ -325,7 +344,8 @@ def first_start(args, problem):
     return centre, f"the centre of the box (the original's start lies outside it in {outside})"
 
 
-def _describe_point(problem, theta):
+def _point(theta):
+    """``(5.5, 8.5, 4.5)`` for one parameter set."""
     return "(" + ", ".join(f"{value:.4g}" for value in theta) + ")"
 
 
@@ -345,7 +365,7 @@ def initial_states(args, problem, laplace, key, coordinates, rng):
         first, origin = first_start(args, problem)
         others = rng.uniform(problem.bounds[:, 0], problem.bounds[:, 1], size=(args.chains - 1, dim))
         starts = coordinates.from_theta(np.vstack([first, others]))
-        where = f"first chain at {_describe_point(problem, first)}, {origin}" + (
+        where = f"first chain at {_point(first)}, {origin}" + (
             f"; {args.chains - 1} more at draws from the prior" if args.chains > 1 else "")
         if key == "original":
             widths = np.ones(dim)
@@ -380,7 +400,7 @@ def initial_states(args, problem, laplace, key, coordinates, rng):
 DEFAULTS = {
     "laplace": {"chains": 8, "iterations": 15_000, "burn_in": 1_000, "proposal_scale": 1.0, "adapt": True,
                 "coordinates": "log"},
-    "prior": {"chains": 16, "iterations": 10_000, "burn_in": 1_500, "proposal_scale": 0.01, "adapt": True,
+    "prior": {"chains": 16, "iterations": 10_000, "burn_in": 1_000, "proposal_scale": 0.03, "adapt": True,
               "coordinates": "log"},
     "original": {"chains": 1, "iterations": 100_000, "burn_in": 20_000, "proposal_scale": ORIGINAL_PROPOSAL_SCALE,
                  "adapt": False, "coordinates": "theta"},
@@ -415,7 +435,9 @@ def build_parser():
     group.add_argument("--iterations", type=cli.positive_int,
                        help=f"kept iterations per chain (default: {_choices('iterations')})")
     group.add_argument("--burn-in", type=cli.nonnegative_int,
-                       help=f"iterations discarded at the start of each chain (default: {_choices('burn_in')})")
+                       help="iterations discarded at the start of each chain; while adapting, extended "
+                            f"{ADAPT_EVERY} at a time (up to {MAX_BURN_IN_FACTOR}×) while the proposal accepts under "
+                            f"{100 * ACCEPTANCE_FLOOR:.0f} % (default: {_choices('burn_in')})")
     group.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=None,
                        help=f"re-estimate the proposal covariance from the chains every {ADAPT_EVERY} burn-in steps "
                             "(Haario et al. 2001), then keep it fixed for the kept steps (default: on | on | off)")
@@ -494,11 +516,12 @@ def main(argv=None):
 
         with cli.interruptible("sampling") as stop, np.errstate(over="ignore"):
             run = sample(coordinates.target(problem), starts, proposal_chol, args.burn_in, args.iterations, rng,
-                         adapt=args.adapt, scale=scale, progress=not args.quiet, stop=stop,
+                         adapt=args.adapt, max_burn_in=MAX_BURN_IN_FACTOR * args.burn_in, scale=scale,
+                         progress=not args.quiet, stop=stop,
                          checkpoints=convergence.checkpoint_iterations(args.iterations, args.checkpoints),
                          on_checkpoint=score_now)
         chains = coordinates.to_theta(run.chains)
-        burn_in = min(args.burn_in, chains.shape[0] // 2)  # an interrupted run keeps its second half at least
+        burn_in = min(run.burn_in, chains.shape[0] // 2)  # an interrupted run keeps its second half at least
         kept = chains[burn_in:]
         tau, reliable = diagnostics.integrated_time(kept, warn=False)
         ess = diagnostics.effective_sample_size(kept, tau=tau)
@@ -520,6 +543,7 @@ def main(argv=None):
             "coordinates": {"kind": coordinates.kind, "names": list(coordinates.names)},
             "iterations": int(kept.shape[0]),
             "burn_in": int(burn_in),
+            "burn_in_extended": bool(run.burn_in > args.burn_in),
             "chains": int(kept.shape[1]),
             "acceptance": float(np.mean(acceptance)),
             "acceptance_per_chain": acceptance.tolist(),
@@ -554,6 +578,8 @@ def main(argv=None):
     report.print_summary(summary, [
         f"{kept.shape[1]} chain{'s' if kept.shape[1] > 1 else ''} × {kept.shape[0]} kept iterations in coordinates "
         f"{coordinates.describe()} (burn-in {burn_in}"
+        + (f", extended from {args.burn_in} while the adapted proposal accepted under {100 * ACCEPTANCE_FLOOR:.0f} %"
+           if results["burn_in_extended"] else "")
         + (f", proposal adapted {run.adaptations} times" if run.adaptations else "") + "), "
         f"acceptance after burn-in {100 * results['acceptance']:.1f} %",
         "τ " + ", ".join(f"{t:.1f}" for t in tau) + "; ESS " + ", ".join(f"{e:.0f}" for e in ess)

@@ -211,6 +211,24 @@ def test_log_coordinate_walk_keeps_the_box_in_theta():
     np.testing.assert_allclose((theta > 0.9).mean(axis=0), 1 / 9, atol=0.01)
 
 
+def test_burn_in_goes_on_while_the_adapted_proposal_fails():
+    """Chains started 100 sd apart: after a 400-step burn-in the chains' covariance is still their spread, and
+    the fixed proposal made from it accepts 0.2 % of its steps. Extended a window at a time while its
+    acceptance is below the floor, the burn-in ends once the proposal works, and the kept chain is right."""
+    target = correlated_gaussian()
+    starts = target.mean + 100 * SD * np.random.default_rng(8).standard_normal((8, 3))
+    fixed = mcmc.sample(target, starts, np.diag(SD), 400, 3000, np.random.default_rng(9))
+    assert fixed.burn_in == 400 and fixed.accepted.mean() / 3000 < 0.01
+    extended = mcmc.sample(target, starts, np.diag(SD), 400, 6000, np.random.default_rng(9), max_burn_in=4000)
+    assert 400 < extended.burn_in < 4000 and extended.burn_in % mcmc.ADAPT_EVERY == 0
+    np.testing.assert_array_equal(extended.chains[:400], fixed.chains[:400])  # the same run until the extension
+    assert extended.accepted.mean() / 6000 > 0.1
+    kept = extended.chains[extended.burn_in:]
+    ess = diagnostics.effective_sample_size(kept)
+    assert np.all(np.abs(kept.reshape(-1, 3).mean(axis=0) - target.mean) < 4 * SD / np.sqrt(ess))
+    np.testing.assert_allclose(kept.reshape(-1, 3).std(axis=0), SD, rtol=0.1)
+
+
 def test_proposal_is_fixed_after_the_burn_in():
     """The kept steps are exactly plain Metropolis–Hastings with the proposal the burn-in ended with."""
     target = correlated_gaussian()
