@@ -225,7 +225,7 @@ def fail_without_results(folder, message):
 def setup_run(args, check=None):
     """What every method needs before it starts: the problem, the output folder, the Laplace
     approximation (a warning if its mode sits on a prior bound, or if the data barely constrain the
-    body) and the exact reference posterior. ``check(problem)``, if given, validates the options that
+    body) and the exact reference posterior (a warning if its self-check fails). ``check(problem)``, if given, validates the options that
     need the problem (e.g. ``--start``) before anything costly runs."""
     problem = load_problem(args)
     if check is not None:
@@ -236,7 +236,11 @@ def setup_run(args, check=None):
     weak = forward.weak_data_warning(laplace)
     if weak:
         print(weak, file=sys.stderr)
-    return problem, out, laplace, reference.compute_reference(problem, laplace)
+    exact = reference.compute_reference(problem, laplace)
+    unchecked = reference.check_warning(exact)
+    if unchecked:
+        print(unchecked, file=sys.stderr)
+    return problem, out, laplace, exact
 
 
 def warn_if_on_bound(laplace):

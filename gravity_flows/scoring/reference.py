@@ -7,8 +7,15 @@ the window spans ``±WINDOW_SDS`` Laplace standard deviations per axis (clipped 
 with trapezoid weights. Where the data barely constrain the body (``Laplace.weak``: the posterior is
 close to the prior, with an edge where the spheres whose anomaly would stand out of the noise are ruled
 out), or where theta's Laplace is no peak (a best fit pressed against a bound), no Laplace window can be
-trusted: the grid then covers the whole prior box, and zooms in on where that grid finds probability
-until the window no longer shrinks (``SUPPORT_TAIL``, ``ZOOM_BELOW``). The anomaly factorises as
+trusted: the grid then covers the whole prior box. Whatever the first window, it is then fitted to where
+its grid finds probability (``_fit_window``): zoomed in while the support is much narrower than the
+window (``SUPPORT_TAIL``, ``ZOOM_BELOW``), moved out where the posterior goes on past a side that the box
+does not close, and given more nodes on an axis the grid does not resolve. The result carries its
+self-check (``grid_check``, in ``summary()['check']``): the quadrature error of every grid axis's mean
+and sd and of log Z, estimated by Richardson's rule from the same grid at every other node, and the
+probability at the window's open sides. A posterior pressed on a bound is what this is for: the
+marginal falls off from the bound over a fraction of the window the best fit suggests, and on a grid
+too coarse there the trapezoid rule puts its mean a tenth of an sd off. The anomaly factorises as
 ``g = R**3 * h(x0, z)``, so for every (x0, z) node, with c = sum w d h / sum w h^2 its best R^3 and
 r = d - c h its residuals, the weighted sum of squares over all R is
 
@@ -87,7 +94,15 @@ GRID_POINTS = 121
 #: (and one node more), while some axis's support is below ZOOM_BELOW of its window, MAX_ZOOMS times at most.
 SUPPORT_TAIL = 1e-9
 ZOOM_BELOW = 0.75
-MAX_ZOOMS = 4
+MAX_ZOOMS = 6
+#: The reference's self-check (:func:`grid_check`): the quadrature error of a grid axis's mean and sd at most
+#: GRID_TOLERANCE posterior sd, that of log Z at most LOG_EVIDENCE_TOLERANCE nats, and at most EDGE_TOLERANCE
+#: of the probability in an outermost cell of a window side that the box does not close.
+GRID_TOLERANCE = 5e-3
+LOG_EVIDENCE_TOLERANCE = 2e-3
+EDGE_TOLERANCE = 1e-6
+#: An axis whose quadrature error exceeds GRID_TOLERANCE gets more nodes, this many at most.
+MAX_GRID_POINTS = 601
 #: Nodes of the 1-D marginals of R and drho: uniform over their range, plus as many again across
 #: each end of the ridge, where the marginal falls to zero over a few posterior sd of the mass.
 RIDGE_MARGINAL_POINTS = 601
@@ -146,6 +161,7 @@ class ExactReference:
             "sd": self.sd.tolist(),
             "correlation": self.correlation.tolist(),
             "log_evidence": float(self.log_evidence),
+            "check": getattr(self, "check", None),
         }
 
 
@@ -162,6 +178,7 @@ class Reference(ExactReference):
     weights: list
     log_density: np.ndarray
     log_evidence: float
+    check: dict = None  # the self-check of its grid (:func:`grid_check`), set by compute_reference
 
     @cached_property
     def cell_mass(self):
@@ -332,6 +349,7 @@ class RidgeReference(ExactReference):
     log_mass_factor: np.ndarray
     log_evidence: float
     box: RidgeBox
+    check: dict = None  # the self-check of its grid (:func:`grid_check`), set by compute_reference
 
     @cached_property
     def log_density(self):
@@ -516,29 +534,39 @@ def compute_reference(problem, laplace=None, grid_points=GRID_POINTS, window_sds
     """The exact posterior of ``problem`` on a ``grid_points``³ grid around the Laplace mode.
 
     With the density known a grid over theta = (x0, z, R) (:class:`Reference`); with the density a
-    fourth unknown a grid over (x0, z, m = drho R^3) (:class:`RidgeReference`). The window is
+    fourth unknown a grid over (x0, z, m = drho R^3) (:class:`RidgeReference`). The first window is
     ``±window_sds`` Laplace sd, or, where the data are weak or theta's Laplace is no peak
-    (``laplace.theta_peak`` false), the whole prior box and then the part of it where the posterior lies.
+    (``laplace.theta_peak`` false), the whole prior box; then it is fitted to where the posterior lies
+    (:func:`_fit_window`) and the result checked (:func:`grid_check`, in ``result.check``).
     """
     if laplace is None:
         laplace = forward.laplace_approximation(problem)
     if problem.free_density:
         return compute_ridge_reference(problem, laplace, grid_points, window_sds)
+    box_low, box_high = problem.bounds[:, 0], problem.bounds[:, 1]
+
+    def grid_reference(low, high, points):
+        return _theta_grid_reference(problem, low, high, points)
+
     if not laplace.theta_peak:
-        return _zoom_to_support(lambda low, high: _theta_grid_reference(problem, low, high, grid_points),
-                                problem.bounds[:, 0], problem.bounds[:, 1])
-    low = np.maximum(laplace.theta_map - window_sds * laplace.theta_sd, problem.bounds[:, 0])
-    high = np.minimum(laplace.theta_map + window_sds * laplace.theta_sd, problem.bounds[:, 1])
-    return _theta_grid_reference(problem, low, high, grid_points)
+        return _fit_window(grid_reference, box_low, box_high, box_low, box_high, grid_points)
+    low = np.maximum(laplace.theta_map - window_sds * laplace.theta_sd, box_low)
+    high = np.minimum(laplace.theta_map + window_sds * laplace.theta_sd, box_high)
+    return _fit_window(grid_reference, low, high, box_low, box_high, grid_points)
+
+
+def _axis_mass(result, axis):
+    """The probability of each node's cell along one axis of a reference's grid."""
+    mass = result.cell_mass
+    return mass.sum(axis=tuple(a for a in range(mass.ndim) if a != axis))
 
 
 def _support(result):
     """Per axis of a reference's grid, the (low, high) nodes that hold all but SUPPORT_TAIL of the
     probability on each side, widened by one node (each node's mass spans half a cell either way)."""
-    mass = result.cell_mass
     low, high = [], []
     for axis, nodes in enumerate(result.nodes):
-        cumulative = np.cumsum(mass.sum(axis=tuple(a for a in range(mass.ndim) if a != axis)))
+        cumulative = np.cumsum(_axis_mass(result, axis))
         cumulative /= cumulative[-1]
         first = max(int(np.searchsorted(cumulative, SUPPORT_TAIL, side="right")) - 1, 0)
         last = min(int(np.searchsorted(cumulative, 1.0 - SUPPORT_TAIL, side="left")) + 1, nodes.size - 1)
@@ -547,18 +575,113 @@ def _support(result):
     return np.array(low), np.array(high)
 
 
-def _zoom_to_support(grid_reference, low, high):
-    """``grid_reference(low, high)`` on the window (low, high), then on its support (:func:`_support`)
-    for as long as that is below ZOOM_BELOW of the window on some axis (MAX_ZOOMS times at most)."""
+def _fit_window(grid_reference, low, high, limit_low, limit_high, grid_points):
+    """``grid_reference(low, high, points)`` on the window (low, high) with ``grid_points`` nodes per axis,
+    refitted to where it finds the posterior until the window holds it (MAX_ZOOMS times at most), then
+    refined where it does not resolve it; ``result.check`` is :func:`grid_check`'s verdict on the last grid.
+
+    Where the outermost cell on a side of the window that is not a limit of the box (``limit_low``,
+    ``limit_high``: the prior box, or the masses it allows) holds more than EDGE_TOLERANCE of the
+    probability, the window was misplaced: that side moves out by the window's width (up to the limit).
+    Where the support (:func:`_support`) is below ZOOM_BELOW of the window on some axis, the grid is
+    coarser than it need be: the window shrinks to the support. Then every axis whose quadrature error
+    (:func:`grid_check`) exceeds GRID_TOLERANCE gets the nodes that bring it to a quarter of that, by the
+    trapezoid rule's h² law (MAX_GRID_POINTS at most). A posterior pressed on a bound is the case all
+    of this is for: its best fit and Hessian describe a peak outside the box, the window they give is
+    far wider than the mass the box keeps, and a marginal that falls off from the bound over a grid
+    spacing or two has its mean a tenth of an sd off.
+    """
     low, high = np.array(low, dtype=float), np.array(high, dtype=float)
-    result = grid_reference(low, high)
+    limit_low, limit_high = np.asarray(limit_low, dtype=float), np.asarray(limit_high, dtype=float)
+    points = np.full(low.size, int(grid_points))
+    result = grid_reference(low, high, points)
     for _ in range(MAX_ZOOMS):
         support_low, support_high = _support(result)
-        if np.all(support_high - support_low >= ZOOM_BELOW * (high - low)):
+        edge_low, edge_high = _edge_mass(result, limit_low, limit_high)
+        widen_low, widen_high = edge_low > EDGE_TOLERANCE, edge_high > EDGE_TOLERANCE
+        width = high - low
+        if not (widen_low.any() or widen_high.any()) and np.all(support_high - support_low >= ZOOM_BELOW * width):
             break
-        low, high = support_low, support_high
-        result = grid_reference(low, high)
+        low = np.where(widen_low, np.maximum(limit_low, low - width), support_low)
+        high = np.where(widen_high, np.minimum(limit_high, high + width), support_high)
+        result = grid_reference(low, high, points)
+    check = grid_check(result, limit_low, limit_high)
+    coarse = np.asarray(check["grid_error"]) > GRID_TOLERANCE
+    if coarse.any() and np.all(points < MAX_GRID_POINTS):
+        factor = np.sqrt(np.asarray(check["grid_error"]) / (GRID_TOLERANCE / 4))
+        wanted = 2 * np.ceil((points - 1) * factor / 2).astype(int) + 1  # odd: every other node keeps both ends
+        points = np.where(coarse, np.minimum(wanted, MAX_GRID_POINTS), points)
+        result = grid_reference(low, high, points)
+        check = grid_check(result, limit_low, limit_high)
+    result.check = check
     return result
+
+
+def _edge_mass(result, limit_low, limit_high):
+    """Per axis, the probability of the first and of the last node's cell where that side of the window is not
+    a limit of the box (0 where it is): ``(low side, high side)``, two (dim,) arrays."""
+    low, high = np.zeros(len(result.nodes)), np.zeros(len(result.nodes))
+    for axis, nodes in enumerate(result.nodes):
+        marginal = _axis_mass(result, axis)
+        low[axis] = marginal[0] if nodes[0] > limit_low[axis] else 0.0
+        high[axis] = marginal[-1] if nodes[-1] < limit_high[axis] else 0.0
+    return low, high
+
+
+def _grid_axis_moments(nodes, log_density):
+    """Mean and sd of every grid axis, and the log of the grid's total (unnormalised) mass, by the trapezoid rule."""
+    weights = [_trapezoid_weights(n) for n in nodes]
+    log_cell = sum(np.expand_dims(np.log(w), [a for a in range(len(nodes)) if a != k]) for k, w in enumerate(weights))
+    log_total = float(logsumexp(log_density + log_cell))
+    mass = np.exp(log_density + log_cell - log_total)
+    means, sds = [], []
+    for axis, axis_nodes in enumerate(nodes):
+        marginal = mass.sum(axis=tuple(a for a in range(mass.ndim) if a != axis))
+        mean = float(marginal @ axis_nodes)
+        means.append(mean)
+        sds.append(float(np.sqrt(marginal @ (axis_nodes - mean) ** 2)))
+    return np.array(means), np.array(sds), log_total
+
+
+def grid_check(result, limit_low, limit_high):
+    """The reference's self-check: is its window placed and fine enough? A dict with
+
+    - ``grid_error``: the quadrature error of each grid axis's mean and sd (x0, z, and R or m), in
+      posterior sd, estimated by Richardson's rule from the same grid at every other node (the
+      trapezoid rule's error falls as h², so the full grid's is a third of the difference);
+    - ``log_evidence_error``: the same estimate for log Z (nats);
+    - ``edge_mass``: the largest probability of an outermost cell on a side of the window that is not a
+      limit of the box (``limit_low``, ``limit_high``): the posterior goes on beyond such a side;
+    - ``ok``: all three within GRID_TOLERANCE, LOG_EVIDENCE_TOLERANCE and EDGE_TOLERANCE.
+
+    A window too coarse for its posterior (a marginal falling off over a few spacings, as against a
+    bound) fails the first; a misplaced one (the posterior cut off by a side of the window) the last.
+    """
+    nodes = result.nodes
+    means, sds, log_total = _grid_axis_moments(nodes, result.log_density)
+    half = tuple(slice(None, None, 2) for _ in nodes)
+    coarse_means, coarse_sds, coarse_log_total = _grid_axis_moments([n[::2] for n in nodes], result.log_density[half])
+    grid_error = (np.abs(means - coarse_means) + np.abs(sds - coarse_sds)) / 3.0 / sds
+    edge_mass = float(np.max(_edge_mass(result, limit_low, limit_high)))
+    log_evidence_error = abs(log_total - coarse_log_total) / 3.0
+    return {
+        "grid_points": [int(n.size) for n in nodes],
+        "grid_error": grid_error.tolist(),
+        "log_evidence_error": float(log_evidence_error),
+        "edge_mass": edge_mass,
+        "ok": bool(np.all(grid_error <= GRID_TOLERANCE) and log_evidence_error <= LOG_EVIDENCE_TOLERANCE
+                   and edge_mass <= EDGE_TOLERANCE),
+    }
+
+
+def check_warning(result):
+    """The one-line warning for a reference whose self-check (:func:`grid_check`) failed; None if it passed."""
+    check = getattr(result, "check", None)
+    if check is None or check["ok"]:
+        return None
+    return (f"warning: the exact reference's own check fails (quadrature error up to {max(check['grid_error']):.2g} "
+            f"sd, {check['log_evidence_error']:.2g} nats in log Z, {check['edge_mass']:.2g} of the probability at an "
+            "edge of its window): scores against it are uncertain by as much")
 
 
 def _sum_of_squares(problem, x0, z, amplitude, density):
@@ -594,9 +717,15 @@ def _sum_of_squares(problem, x0, z, amplitude, density):
     return floor[:, :, None] + curvature[:, :, None] * offset**2
 
 
+def _axis_points(grid_points, dim=3):
+    """Nodes per axis: one number for every axis, or one per axis."""
+    return np.broadcast_to(np.asarray(grid_points, dtype=int), (dim,))
+
+
 def _theta_grid_reference(problem, low, high, grid_points):
-    """The :class:`Reference` on a ``grid_points``³ grid over the window (low, high) of theta = (x0, z, R)."""
-    nodes = [np.linspace(lo, hi, grid_points) for lo, hi in zip(low, high)]
+    """The :class:`Reference` on a grid over the window (low, high) of theta = (x0, z, R), ``grid_points`` nodes
+    per axis (one number, or one per axis)."""
+    nodes = [np.linspace(lo, hi, n) for lo, hi, n in zip(low, high, _axis_points(grid_points))]
     weights = [_trapezoid_weights(n) for n in nodes]
 
     x0, z, radius = nodes
@@ -661,11 +790,12 @@ def mass_laplace(problem, start):
 def compute_ridge_reference(problem, laplace=None, grid_points=GRID_POINTS, window_sds=WINDOW_SDS):
     """The exact posterior of (x0, z, R, drho) on a ``grid_points``³ grid over (x0, z, m), m = drho R^3.
 
-    The window is ``±window_sds`` Gauss–Newton sd of (x0, z, m) around their best fit (started from
-    the Laplace mode, ``laplace.theta_map``), clipped to the box in x0 and z and to the masses the
+    The first window is ``±window_sds`` Gauss–Newton sd of (x0, z, m) around their best fit (started
+    from the Laplace mode, ``laplace.theta_map``), clipped to the box in x0 and z and to the masses the
     box allows, [drho_lo R_lo^3, drho_hi R_hi^3] (in magnitude). With weak data (``laplace.weak``) it is
-    that whole range and the whole box, with m nodes uniform in m^(1/3), and then the part of it where
-    the posterior lies (:func:`_zoom_to_support`).
+    that whole range and the whole box, with m nodes uniform in m^(1/3). Then it is fitted to where the
+    posterior lies and checked (:func:`_fit_window`): a posterior pressed on a bound of x0 or z, whose
+    Gauss–Newton window is many times wider than what the box keeps, is resolved there.
     """
     if laplace is None:
         laplace = forward.laplace_approximation(problem)
@@ -673,29 +803,34 @@ def compute_ridge_reference(problem, laplace=None, grid_points=GRID_POINTS, wind
     mass_low, mass_high = box.mass_range
     if box.sign < 0:
         mass_low, mass_high = -mass_high, -mass_low
-    if laplace.weak:
-        def grid_reference(low, high):
-            return _ridge_grid_reference(problem, box, low, high, grid_points, cube_root_mass=True)
+    limit_low = np.array([*problem.bounds[:2, 0], mass_low])
+    limit_high = np.array([*problem.bounds[:2, 1], mass_high])
 
-        return _zoom_to_support(grid_reference, [*problem.bounds[:2, 0], mass_low], [*problem.bounds[:2, 1], mass_high])
+    def grid_reference(low, high, points):
+        return _ridge_grid_reference(problem, box, low, high, points, cube_root_mass=laplace.weak)
+
+    if laplace.weak:
+        return _fit_window(grid_reference, limit_low, limit_high, limit_low, limit_high, grid_points)
     start = laplace.theta_map
     mode, covariance = mass_laplace(problem, [start[0], start[1], start[3] * start[2] ** 3])
     sd = np.sqrt(np.diag(covariance))
-    low = np.maximum(mode - window_sds * sd, [*problem.bounds[:2, 0], mass_low])
-    high = np.minimum(mode + window_sds * sd, [*problem.bounds[:2, 1], mass_high])
+    low = np.maximum(mode - window_sds * sd, limit_low)
+    high = np.minimum(mode + window_sds * sd, limit_high)
     if np.any(low >= high):
         raise forward.DataError(
             f"the best-fitting excess mass drho R^3 = {mode[2]:.4g} kg lies outside what the prior box allows "
             f"([{mass_low:.4g}, {mass_high:.4g}]); widen --bounds for R or --density-bounds")
-    return _ridge_grid_reference(problem, box, low, high, grid_points)
+    return _fit_window(grid_reference, low, high, limit_low, limit_high, grid_points)
 
 
 def _ridge_grid_reference(problem, box, low, high, grid_points, cube_root_mass=False):
-    """The :class:`RidgeReference` on a ``grid_points``³ grid over the window (low, high) of (x0, z, m);
-    with ``cube_root_mass`` the m nodes are uniform in m^(1/3) (signed) instead of in m."""
-    nodes = [np.linspace(lo, hi, grid_points) for lo, hi in zip(low, high)]
+    """The :class:`RidgeReference` on a grid over the window (low, high) of (x0, z, m), ``grid_points`` nodes per
+    axis (one number, or one per axis); with ``cube_root_mass`` the m nodes are uniform in m^(1/3) (signed)
+    instead of in m."""
+    points = _axis_points(grid_points)
+    nodes = [np.linspace(lo, hi, n) for lo, hi, n in zip(low, high, points)]
     if cube_root_mass:
-        nodes[2] = np.linspace(np.cbrt(low[2]), np.cbrt(high[2]), grid_points) ** 3
+        nodes[2] = np.linspace(np.cbrt(low[2]), np.cbrt(high[2]), points[2]) ** 3
         nodes[2][[0, -1]] = low[2], high[2]  # exactly the window's ends, whatever the rounding of cube and root
     weights = [_trapezoid_weights(n) for n in nodes]
 

@@ -165,12 +165,20 @@ def test_posterior_pressed_against_a_bound_gets_the_whole_box_grid_zoomed_in(dep
     bound = depth_box[0] if depth_box[0] > 6 else depth_box[1]
     assert bound in (result.nodes[1][0], result.nodes[1][-1])
     assert result.nodes[1][-1] - result.nodes[1][0] < 0.2  # zoomed in, against the bound
+    # and resolved there: the z axis has more nodes than the others, and the self-check passes
+    assert result.check["ok"] and result.nodes[1].size > reference.GRID_POINTS
     low = np.maximum(result.mean - 20 * result.sd, problem.bounds[:, 0])
     high = np.minimum(result.mean + 20 * result.sd, problem.bounds[:, 1])
     other = reference._theta_grid_reference(problem, low, high, 161)
     assert np.all(np.abs(other.mean - result.mean) < 5e-3 * result.sd)
     np.testing.assert_allclose(other.sd, result.sd, rtol=3e-3)
     assert other.log_evidence == pytest.approx(result.log_evidence, abs=3e-3)
+
+
+def test_self_check_of_the_default_reference_passes_and_is_in_its_summary(default_reference):
+    check = default_reference.summary()["check"]
+    assert check["ok"] and check["grid_points"] == [reference.GRID_POINTS] * 3
+    assert max(check["grid_error"]) < 1e-9 and check["edge_mass"] < 1e-12
 
 
 def test_default_reference_is_pinned(default_reference):

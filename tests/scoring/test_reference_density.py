@@ -7,6 +7,9 @@ reference (same (x0, z) posterior, evidence ratio in closed form), and the mirro
 negative contrast.
 """
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from scipy import integrate, stats
@@ -429,3 +432,106 @@ def test_command_line_prints_the_free_density_reference(capsys):
     with pytest.raises(SystemExit) as exit_info:
         reference_command.main(["--density-bounds", "-1000", "4000"])
     assert exit_info.value.code == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# A posterior pressed on a bound: examples/profile.csv's body lies at x0 = -2 m, outside the default box
+
+
+PROFILE = forward.read_profile(Path(__file__).resolve().parents[2] / "examples" / "profile.csv")
+
+
+def profile_problem(density_bounds=None):
+    """examples/profile.csv (41 stations, sigma 0.5 and 1 µGal) in the default box, where x0 piles up against 0."""
+    box, parameters = forward.prior_box(forward.DEFAULT_BOUNDS, density_bounds)
+    stations, g_obs, sigma = PROFILE
+    return forward.Problem(stations, g_obs, sigma, bounds=box, parameters=parameters)
+
+
+@pytest.fixture(scope="module")
+def pressed_free():
+    problem = profile_problem(DENSITY_BOUNDS)
+    laplace = forward.laplace_approximation(problem)
+    return problem, laplace, reference.compute_reference(problem, laplace)
+
+
+def nested_quadrature(problem, windows, points=(61, 31, 31, 31)):
+    """Mean and sd of x0 and z by plain trapezoid quadrature of ``problem.log_posterior`` itself, nested: for each
+    drho node a (x0, z, R) grid, R spanning the ridge's width at that drho (R = (m / drho)^(1/3) for m in the
+    window's mass range, within the R box), then over drho. Nothing of the reference's (x0, z, m) mathematics."""
+    (x0_window, z_window, mass_window), (n0, nz, nr, nt) = windows, points
+    x0, z = np.linspace(*x0_window, n0), np.linspace(*z_window, nz)
+    contrasts = np.linspace(*problem.bounds[3], nt)
+    log_integrals, moments = [], []
+    for contrast in contrasts:
+        radius = np.linspace(*np.clip(np.cbrt(np.asarray(mass_window) / contrast), *problem.bounds[2]), nr)
+        grid = np.stack(np.meshgrid(x0, z, radius, [contrast], indexing="ij"), axis=-1)[..., 0, :]
+        log_cell = sum(np.expand_dims(np.log(reference._trapezoid_weights(n)), [a for a in range(3) if a != k])
+                       for k, n in enumerate((x0, z, radius)))
+        log_mass = problem.log_posterior(grid) + log_cell
+        log_integrals.append(logsumexp(log_mass))
+        mass = np.exp(log_mass - log_integrals[-1])
+        moments.append([np.sum(mass * grid[..., k] ** p) for k in (0, 1) for p in (1, 2)])
+    log_outer = np.array(log_integrals) + np.log(reference._trapezoid_weights(contrasts))
+    weights = np.exp(log_outer - logsumexp(log_outer))
+    m = weights @ np.array(moments)
+    return np.array([m[0], m[2]]), np.sqrt([m[1] - m[0] ** 2, m[3] - m[2] ** 2]), logsumexp(log_outer)
+
+
+def test_posterior_pressed_on_a_bound_agrees_with_nested_brute_force(pressed_free):
+    """x0 pressed on 0, density free. The Gauss–Newton window (x0 in [0, 1.34], 121 nodes, one spacing about the
+    posterior's sd) put x0 at 0.01050 ± 0.01265 m, 0.13 sd off the brute force (0.01207 ± 0.01202 m at 121+ nodes);
+    the fitted window resolves it, and its self-check passes."""
+    problem, laplace, result = pressed_free
+    assert laplace.on_bound == ("x0",)
+    windows = [(0.0, 0.15), (result.mean[1] - 10 * result.sd[1], result.mean[1] + 10 * result.sd[1])]
+    mass_nodes, mass_density = result.mass_marginal()
+    mass_mean = np.trapezoid(mass_nodes * mass_density, mass_nodes)
+    mass_sd = np.sqrt(np.trapezoid((mass_nodes - mass_mean) ** 2 * mass_density, mass_nodes))
+    windows.append((mass_mean - 10 * mass_sd, mass_mean + 10 * mass_sd))
+    means, sds, log_evidence = nested_quadrature(problem, windows)
+    # the brute force at these nodes is within 0.005 sd of its own limit in x0 (0.0027 sd at 0.6x the nodes)
+    assert np.all(np.abs(result.mean[:2] - means) < 0.01 * result.sd[:2]), (result.mean[:2], means)
+    np.testing.assert_allclose(result.sd[:2], sds, rtol=0.01)
+    assert result.log_evidence == pytest.approx(log_evidence, abs=0.02)
+    assert result.check["ok"] and result.nodes[0][0] == 0.0 and result.nodes[0][-1] < 0.3
+
+
+def test_self_check_catches_a_coarse_or_misplaced_window(pressed_free):
+    """The self-check fails the window the Gauss–Newton fit gave before (x0 in [0, 1.34]: the trapezoid rule's error
+    at the bound), and a window that cuts the posterior off (z ending 2 sd above its mean)."""
+    problem, _, result = pressed_free
+    box = reference.RidgeBox.of(problem)
+    limits = np.array([*problem.bounds[:2, 0], box.mass_range[0]]), np.array([*problem.bounds[:2, 1], box.mass_range[1]])
+    low, high = np.array([n[0] for n in result.nodes]), np.array([n[-1] for n in result.nodes])
+    coarse = reference._ridge_grid_reference(problem, box, [0.0, *low[1:]], [1.3445, *high[1:]], reference.GRID_POINTS)
+    check = reference.grid_check(coarse, *limits)
+    assert not check["ok"] and check["grid_error"][0] > 10 * reference.GRID_TOLERANCE
+    assert abs(coarse.mean[0] - result.mean[0]) > 0.1 * result.sd[0]  # what the check saved us from
+    cut = high.copy()
+    cut[1] = result.mean[1] + 2 * result.sd[1]
+    misplaced = reference._ridge_grid_reference(problem, box, low, cut, reference.GRID_POINTS)
+    check = reference.grid_check(misplaced, *limits)
+    assert not check["ok"] and check["edge_mass"] > 1e3 * reference.EDGE_TOLERANCE
+    assert "check fails" in reference.check_warning(SimpleNamespace(check=check))
+    assert reference.check_warning(result) is None
+
+
+def test_a_misplaced_first_window_is_moved_out():
+    """_fit_window moves a side of the window out where the posterior goes on beyond it."""
+    problem = free_problem()
+    laplace = forward.laplace_approximation(problem)
+    exact = reference.compute_reference(problem, laplace)
+    box = reference.RidgeBox.of(problem)
+    limit_low = np.array([*problem.bounds[:2, 0], box.mass_range[0]])
+    limit_high = np.array([*problem.bounds[:2, 1], box.mass_range[1]])
+    low = np.array([n[0] for n in exact.nodes])
+    high = np.array([n[-1] for n in exact.nodes])
+    high[0] = exact.mean[0] + 1.0 * exact.sd[0]  # x0 cut one sd above its mean
+
+    def grid_reference(lo, hi, points):
+        return reference._ridge_grid_reference(problem, box, lo, hi, points)
+
+    moved = reference._fit_window(grid_reference, low, high, limit_low, limit_high, reference.GRID_POINTS)
+    assert moved.check["ok"]
+    assert np.all(np.abs(moved.mean - exact.mean) < 2e-3 * exact.sd)
