@@ -1,4 +1,6 @@
+import functools
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,37 @@ def default_reference(default_problem, default_laplace):
     from gravity_flows.scoring import reference
 
     return reference.compute_reference(default_problem, default_laplace)
+
+
+class ManualTimer:
+    """A wall clock for tests whose time passes when the test says so (``advance``), so that a reading does
+    not depend on the machine's load; with ``real=True`` the real time (``time.perf_counter``) runs under it,
+    and ``advance`` stands for a slow step (a scorer at a checkpoint) without sleeping."""
+
+    def __init__(self, real=False, now=100.0):
+        self.real = real
+        self.offset = now
+
+    def __call__(self):
+        return self.offset + (time.perf_counter() if self.real else 0.0)
+
+    def advance(self, seconds):
+        self.offset += seconds
+
+
+@pytest.fixture
+def manual_timer():
+    return ManualTimer()
+
+
+@pytest.fixture
+def method_timer(monkeypatch):
+    """The timer of every method's clock (convergence.Clock) made during the test: real time plus ``advance``."""
+    from gravity_flows.scoring import convergence
+
+    timer = ManualTimer(real=True)
+    monkeypatch.setattr(convergence, "Clock", functools.partial(convergence.Clock, timer=timer))
+    return timer
 
 
 # Tests run on small tensors: one thread avoids OpenMP's costly waits on a busy 2-core machine
