@@ -65,6 +65,23 @@ def method_timer(monkeypatch):
     return timer
 
 
+@pytest.fixture
+def unrendered_figures(monkeypatch):
+    """Figures drawn but not rendered: ``output.save_figure`` writes a stand-in file in its place, atomically,
+    and closes the figure. For end-to-end runs that check numbers and files, not pictures: rendering is
+    most of a short run's time, and the figures' own tests (tests/reporting) render every one of them."""
+    import matplotlib.pyplot as plt
+
+    from gravity_flows.reporting import output
+
+    def save_figure(figure, path, dpi=130):
+        with output.atomic_path(path) as temporary:
+            temporary.write_bytes(b"\x89PNG not rendered")
+        plt.close(figure)
+
+    monkeypatch.setattr(output, "save_figure", save_figure)
+
+
 # Tests run on small tensors: one thread avoids OpenMP's costly waits on a busy 2-core machine
 # (the scripts do the same on the CPU, see flow.device_for).
 import torch  # noqa: E402
