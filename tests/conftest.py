@@ -1,6 +1,7 @@
 import functools
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,33 @@ def default_reference(default_problem, default_laplace):
     from gravity_flows.scoring import reference
 
     return reference.compute_reference(default_problem, default_laplace)
+
+
+def write_profile(path, problem, every=10, sigma=1.0):
+    """A user's profile file (columns x, g, sigma) from every ``every``-th station of ``problem``'s data."""
+    rows = [f"{float(x)!r},{float(g)!r},{float(sigma)!r}" for x, g in zip(problem.stations[::every], problem.g_obs[::every])]
+    path.write_text("x,g,sigma\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def profile_csv(tmp_path_factory, default_problem):
+    """A user's profile: every tenth station of the synthetic data (100 stations), with a sigma column of 1 µGal."""
+    return write_profile(tmp_path_factory.mktemp("profile") / "profile.csv", default_problem)
+
+
+@pytest.fixture(scope="session")
+def ridge_profile(tmp_path_factory):
+    """The mass ridge made cheaper for the suite (see tests/integration/test_ridge.py): every tenth station
+    of the synthetic data at sigma 3 µGal, the density free in [1000, 4000] kg/m³. A namespace:
+    ``path`` (the profile file), ``argv`` (--data and --density-bounds), ``density_bounds``, ``n_stations``."""
+    import forward
+
+    density_bounds, every, sigma = (1000.0, 4000.0), 10, 3.0
+    problem = forward.synthetic_problem(density_bounds=density_bounds)
+    path = write_profile(tmp_path_factory.mktemp("ridge") / "profile.csv", problem, every, sigma)
+    return types.SimpleNamespace(path=path, density_bounds=list(density_bounds), n_stations=problem.n_stations // every,
+                                 argv=["--data", str(path), "--density-bounds", *map(str, density_bounds)])
 
 
 class ManualTimer:
