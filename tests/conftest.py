@@ -1,4 +1,7 @@
+import functools
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,81 @@ def default_reference(default_problem, default_laplace):
     from gravity_flows.scoring import reference
 
     return reference.compute_reference(default_problem, default_laplace)
+
+
+def write_profile(path, problem, every=10, sigma=1.0):
+    """A user's profile file (columns x, g, sigma) from every ``every``-th station of ``problem``'s data."""
+    rows = [f"{float(x)!r},{float(g)!r},{float(sigma)!r}" for x, g in zip(problem.stations[::every], problem.g_obs[::every])]
+    path.write_text("x,g,sigma\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def profile_csv(tmp_path_factory, default_problem):
+    """A user's profile: every tenth station of the synthetic data (100 stations), with a sigma column of 1 µGal."""
+    return write_profile(tmp_path_factory.mktemp("profile") / "profile.csv", default_problem)
+
+
+@pytest.fixture(scope="session")
+def ridge_profile(tmp_path_factory):
+    """The mass ridge made cheaper for the suite (see tests/integration/test_ridge.py): every tenth station
+    of the synthetic data at sigma 3 µGal, the density free in [1000, 4000] kg/m³. A namespace:
+    ``path`` (the profile file), ``argv`` (--data and --density-bounds), ``density_bounds``, ``n_stations``."""
+    import forward
+
+    density_bounds, every, sigma = (1000.0, 4000.0), 10, 3.0
+    problem = forward.synthetic_problem(density_bounds=density_bounds)
+    path = write_profile(tmp_path_factory.mktemp("ridge") / "profile.csv", problem, every, sigma)
+    return types.SimpleNamespace(path=path, density_bounds=list(density_bounds), n_stations=problem.n_stations // every,
+                                 argv=["--data", str(path), "--density-bounds", *map(str, density_bounds)])
+
+
+class ManualTimer:
+    """A wall clock for tests whose time passes when the test says so (``advance``), so that a reading does
+    not depend on the machine's load; with ``real=True`` the real time (``time.perf_counter``) runs under it,
+    and ``advance`` stands for a slow step (a scorer at a checkpoint) without sleeping."""
+
+    def __init__(self, real=False, now=100.0):
+        self.real = real
+        self.offset = now
+
+    def __call__(self):
+        return self.offset + (time.perf_counter() if self.real else 0.0)
+
+    def advance(self, seconds):
+        self.offset += seconds
+
+
+@pytest.fixture
+def manual_timer():
+    return ManualTimer()
+
+
+@pytest.fixture
+def method_timer(monkeypatch):
+    """The timer of every method's clock (convergence.Clock) made during the test: real time plus ``advance``."""
+    from gravity_flows.scoring import convergence
+
+    timer = ManualTimer(real=True)
+    monkeypatch.setattr(convergence, "Clock", functools.partial(convergence.Clock, timer=timer))
+    return timer
+
+
+@pytest.fixture
+def unrendered_figures(monkeypatch):
+    """Figures drawn but not rendered: ``output.save_figure`` writes a stand-in file in its place, atomically,
+    and closes the figure. For end-to-end runs that check numbers and files, not pictures: rendering is
+    most of a short run's time, and the figures' own tests (tests/reporting) render every one of them."""
+    import matplotlib.pyplot as plt
+
+    from gravity_flows.reporting import output
+
+    def save_figure(figure, path, dpi=130):
+        with output.atomic_path(path) as temporary:
+            temporary.write_bytes(b"\x89PNG not rendered")
+        plt.close(figure)
+
+    monkeypatch.setattr(output, "save_figure", save_figure)
 
 
 # Tests run on small tensors: one thread avoids OpenMP's costly waits on a busy 2-core machine

@@ -61,22 +61,38 @@ def cost_to_reach(points, level=ERROR_LEVEL):
 class Clock:
     """A method's own clock: wall time since it started, less the pauses (scoring at checkpoints).
 
-    ``synchronize``: called before each reading, e.g. to wait for a GPU's queued work."""
+    A reading during a pause is the time at the pause's start: the pause is not the method's work,
+    so its elapsed part is never counted, and no later reading is smaller than an earlier one (the
+    clock never runs backwards). Pauses may nest; only the outermost one counts.
 
-    def __init__(self, synchronize=None):
+    ``synchronize``: called before each reading, e.g. to wait for a GPU's queued work.
+    ``timer``: the wall clock, a function returning seconds (``time.perf_counter``; tests pass their own).
+    """
+
+    def __init__(self, synchronize=None, *, timer=time.perf_counter):
         self.synchronize = synchronize
-        self.start = time.perf_counter()
+        self.timer = timer
+        self.start = timer()
         self.paused_for = 0.0
+        self.paused_at = None  # when the current (outermost) pause began; None while running
 
     def seconds(self):
+        if self.paused_at is not None:
+            return self.paused_at - self.start - self.paused_for
         if self.synchronize is not None:
             self.synchronize()
-        return time.perf_counter() - self.start - self.paused_for
+        return self.timer() - self.start - self.paused_for
 
     @contextmanager
     def paused(self):
-        began = time.perf_counter()
+        if self.paused_at is not None:  # inside another pause: that one counts
+            yield
+            return
+        if self.synchronize is not None:
+            self.synchronize()  # the method's queued work belongs before the pause
+        self.paused_at = self.timer()
         try:
             yield
         finally:
-            self.paused_for += time.perf_counter() - began
+            self.paused_for += self.timer() - self.paused_at
+            self.paused_at = None
