@@ -77,7 +77,12 @@ def test_help_of_a_script_run_as_a_process():
     assert_help_states_the_defaults(result.stdout)
 
 
-def test_training_takes_a_flow_from_the_prior_to_the_posterior(tmp_path):
+#: Iterations from the prior in the test below (its default from the prior is 4000). At 300 (seed 0)
+#: KL was 0.048 nats and the error 0.056; at 150, 0.55 and 0.15.
+PRIOR_ITERATIONS = 400
+
+
+def test_training_takes_a_flow_from_the_prior_to_the_posterior(tmp_path, unrendered_figures):
     """From --init prior the start is a hundred times too wide: only training can make the flow accurate
     (from the Laplace start, the end-to-end tests above could not tell a training loop that does nothing)."""
     runs = {}
@@ -87,8 +92,4 @@ def test_training_takes_a_flow_from_the_prior_to_the_posterior(tmp_path):
         assert Gravity_coupling_NSF.main(argv) == 0
         runs[iterations] = json.loads((out / "summary.json").read_text())
     assert runs[1]["kl"] > 100 and runs[1]["error"] > 10
-    assert runs[PRIOR_ITERATIONS]["kl"] < 3 and runs[PRIOR_ITERATIONS]["error"] < 0.5
-
-
-#: Iterations from the prior in the test above (its default from the prior is 4000).
-PRIOR_ITERATIONS = 1500
+    assert runs[PRIOR_ITERATIONS]["kl"] < 0.3 and runs[PRIOR_ITERATIONS]["error"] < 0.15
