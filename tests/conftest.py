@@ -1,3 +1,4 @@
+import contextlib
 import functools
 import sys
 import time
@@ -93,21 +94,43 @@ def method_timer(monkeypatch):
     return timer
 
 
-@pytest.fixture
-def unrendered_figures(monkeypatch):
-    """Figures drawn but not rendered: ``output.save_figure`` writes a stand-in file in its place, atomically,
-    and closes the figure. For end-to-end runs that check numbers and files, not pictures: rendering is
-    most of a short run's time, and the figures' own tests (tests/reporting) render every one of them."""
+@contextlib.contextmanager
+def _figures_rendered_only_in(*folders):
+    """Figures drawn but not rendered, except those written straight into one of ``folders``:
+    ``output.save_figure`` writes a stand-in file in place of the others, atomically, and closes the figure.
+
+    For end-to-end runs that check numbers and files, not pictures: rendering is most of a short run's
+    time, and the figures' own tests (tests/reporting) and one end-to-end run per script render them all."""
     import matplotlib.pyplot as plt
 
     from gravity_flows.reporting import output
 
-    def save_figure(figure, path, dpi=130):
+    rendered = {Path(folder).resolve() for folder in folders}
+    save = output.save_figure
+
+    def save_figure(figure, path, *args, **kwargs):
+        if Path(path).resolve().parent in rendered:
+            return save(figure, path, *args, **kwargs)
         with output.atomic_path(path) as temporary:
             temporary.write_bytes(b"\x89PNG not rendered")
         plt.close(figure)
 
-    monkeypatch.setattr(output, "save_figure", save_figure)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(output, "save_figure", save_figure)
+        yield
+
+
+@pytest.fixture(scope="session")
+def figures_rendered_only_in():
+    """``with figures_rendered_only_in(folder, ...):`` renders only the figures written into those folders."""
+    return _figures_rendered_only_in
+
+
+@pytest.fixture
+def unrendered_figures():
+    """No figure of the test is rendered (each is drawn, and a stand-in file written in its place)."""
+    with _figures_rendered_only_in():
+        yield
 
 
 # Tests run on small tensors: one thread avoids OpenMP's costly waits on a busy 2-core machine

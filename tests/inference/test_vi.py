@@ -43,11 +43,14 @@ def to_u(theta):
     return np.log((theta + HALF_WIDTH) / (HALF_WIDTH - theta))
 
 
-def layers_of(method, flows=None):
+def layers_of(method, flows=None, seed=0):
+    """The script's layers at its default size, their weights drawn from ``seed`` (whatever ran before)."""
     if SCRIPTS[method] is None:
         return []
     args = types.SimpleNamespace(flows=flows or DEFAULT_FLOWS[method], hidden=32, bins=8, tail_bound=5.0)
-    return SCRIPTS[method].build_layers(args, 3)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return SCRIPTS[method].build_layers(args, 3)
 
 
 def make_flow(layers, shift_theta, scale_theta, seed=0):
@@ -118,11 +121,16 @@ def gaussian_log_target(theta):
     return distribution.log_prob(theta) + LOG_VOLUME
 
 
+#: Training iterations on the Gaussian: at 500 every flow was within half of each tolerance below
+#: (seed 0); at 300 the bare flow's sd was not yet (1.14 times its tolerance).
+GAUSSIAN_ITERATIONS = 500
+
+
 @pytest.mark.parametrize("method", list(SCRIPTS))
 def test_every_flow_learns_a_correlated_gaussian(method):
     # Start from a wrong standardisation (shifted by half an sd, 1.5 times too wide, uncorrelated).
     model = make_flow(layers_of(method), GAUSSIAN_MEAN + 0.5 * GAUSSIAN_SD, 1.5 * GAUSSIAN_SD)
-    theta, log_weights = fit(model, gaussian_log_target, iterations=1000)
+    theta, log_weights = fit(model, gaussian_log_target, iterations=GAUSSIAN_ITERATIONS)
     kl = -np.mean(log_weights)  # log Z = 0
     standard_error = np.std(log_weights) / np.sqrt(log_weights.size)
     assert -4 * standard_error < kl < 0.01  # a wrong log q would show as a negative "KL"
@@ -145,9 +153,14 @@ def banana_log_target(theta):
     return -0.5 * (b**2 + c**2) - math.log(2 * math.pi) + log_split_normal + LOG_VOLUME
 
 
+#: Training iterations on the banana. KL (nats) at 1000 (seed 0): affine coupling 0.136, spline coupling
+#: 0.020, affine autoregressive 0.114, spline autoregressive 0.007; at 900 the spline coupling was 0.028.
+BANANA_ITERATIONS = 1000
+
+
 def banana_kl(layer):
     model = make_flow([layer], [0.0, 1.0, 0.0], [2.0, 2.0, 2.0])
-    _, log_weights = fit(model, banana_log_target, iterations=1500, batch=128)
+    _, log_weights = fit(model, banana_log_target, iterations=BANANA_ITERATIONS, batch=128)
     return -np.mean(log_weights)
 
 
@@ -229,7 +242,8 @@ def ridge_log_evidence():
 
 def test_annealing_fits_a_curved_ridge_better_from_the_prior():
     """From the prior, reverse KL without annealing collapses onto part of a thin ridge; tempering the
-    likelihood lets q spread along it first. Same flow, same budget, same seed."""
+    likelihood lets q spread along it first. Same flow, same budget, same seed. At 600 iterations
+    (seed 0) KL is 10.9 nats without annealing and 0.073 with it (4.4 and 0.032 at 1500)."""
     log_prior = -float(np.sum(np.log(RIDGE_BOUNDS[:, 1] - RIDGE_BOUNDS[:, 0])))
     log_z = ridge_log_evidence()
     kl = {}
@@ -238,12 +252,12 @@ def test_annealing_fits_a_curved_ridge_better_from_the_prior():
             torch.manual_seed(0)
             model = vi.FlowPosterior(layers_of("auto_Affine"), RIDGE_BOUNDS, np.zeros(3), np.eye(3)).double()
         generator = torch.Generator().manual_seed(0)
-        vi.train(model, ridge_log_likelihood, log_prior, iterations=1500, batch=64, lr=0.005, generator=generator, progress=False,
+        vi.train(model, ridge_log_likelihood, log_prior, iterations=600, batch=64, lr=0.005, generator=generator, progress=False,
                  anneal=anneal)
         _, log_weights = vi.evaluate(model, ridge_log_likelihood, log_prior, 20_000, generator)
         kl[anneal] = log_z - np.mean(log_weights)
     print("KL(q||p) on the ridge without and with annealing:", kl)
-    assert kl[0.6] < 0.5 * kl[0.0] and kl[0.6] > -0.01, kl
+    assert kl[0.6] < 0.5 * kl[0.0] and -0.01 < kl[0.6] < 0.2, kl
 
 
 def test_training_checks_the_loss_without_a_host_sync_every_step(monkeypatch):

@@ -7,9 +7,11 @@ and never a mix with an earlier run's files.
 """
 
 import hashlib
+import importlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +30,7 @@ import Gravity_MCMC
 import Gravity_planar
 from gravity_flows.command import runner
 from gravity_flows.reporting import output
-from ctrl_c import after_writing
+from ctrl_c import WAITING, after_writing
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON_FILES = ("marginals.png", "predictive_check.png", "pairs.png", "summary.json", "samples.npz")
@@ -107,12 +109,18 @@ class Running:
             buffer.extend(chunk)
 
     def wait_for(self, text, timeout=90):
-        """Wait until ``text`` appears on stderr (the progress bar's name: the loop is running)."""
+        """Wait until ``text`` (a regular expression) appears on stderr; the timeout only guards against a hang."""
+        pattern = re.compile(text.encode())
         deadline = time.monotonic() + timeout
-        while text.encode() not in self.stderr:
+        while not pattern.search(self.stderr):
             assert self.process.poll() is None, f"the script ended before {text!r}:\n{self.stderr.decode()}"
             assert time.monotonic() < deadline, f"no {text!r} on stderr after {timeout} s"
             time.sleep(0.05)
+
+    def wait_for_progress(self, loop):
+        """Wait until the progress bar of ``loop`` counts at least one step done: the loop is running and
+        has something to keep, however slowly the machine runs (no guess of how long that takes)."""
+        self.wait_for(rf"{loop}:[^\r\n]*\| *[1-9][0-9]*/")
 
     def interrupt(self):
         self.process.send_signal(signal.SIGINT)
@@ -137,9 +145,8 @@ def test_ctrl_c_writes_what_was_learnt_marked_interrupted(script, loop, planned,
     out = tmp_path / "out"
     # the folder held another method's result: none of its files may be taken for this run's
     plant_earlier_result(out, set(FLOW_FILES + MCMC_FILES) - set(files) | {"summary.json", "samples.npz"})
-    run = Running(script, "--iterations", planned, "--samples", 2000, "--out", out)
-    run.wait_for(loop)
-    time.sleep(0.5)
+    run = Running(script, "--iterations", planned, "--samples", 500, "--out", out)
+    run.wait_for_progress(loop)
     run.interrupt()
     status, stderr = run.finish()
     assert status == 130, stderr
@@ -152,25 +159,29 @@ def test_ctrl_c_writes_what_was_learnt_marked_interrupted(script, loop, planned,
     assert summary["interrupted"] is True
     assert 1 <= summary["iterations"] < planned
     assert np.all(np.isfinite(summary["posterior"]["mean"]))
-    assert np.load(out / "samples.npz")["theta"].shape == (2000, 3)
+    assert np.load(out / "samples.npz")["theta"].shape == (500, 3)
     assert result_files(out) == set(files), "this run's files, and only they"
     assert (out / "notes.txt").exists()
     assert leftover_temporaries(out) == []
 
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    """The first Ctrl-C stops the sampling loop; the second, from outside, arrives while the results are
+    written (once trace.png, the method's own figure, is in place, the process waits there for it:
+    tests/integration/ctrl_c.py --wait) and ends the process at once: a process that waited for the
+    results to be written first, or ignored the Ctrl-C, would never end."""
     out = tmp_path / "out"
     plant_earlier_result(out, FLOW_FILES)
-    run = Running("Gravity_MCMC.py", "--iterations", 10_000_000, "--out", out)
-    run.wait_for("sampling")
+    run = Running("tests/integration/ctrl_c.py", "--wait", "trace.png", "Gravity_MCMC.py", "--iterations", 10_000_000,
+                  "--burn-in", 200, "--samples", 500, "--out", out)
+    run.wait_for_progress("sampling")
     run.interrupt()
-    time.sleep(0.2)
+    run.wait_for(f"{WAITING} trace.png")
     run.interrupt()
-    second = time.monotonic()
-    status, stderr = run.finish(timeout=30)
-    assert time.monotonic() - second < 5, "the second Ctrl-C must not wait for the results to be written"
+    status, stderr = run.finish(timeout=60)
     assert status == 130, stderr
     assert "Traceback" not in stderr
+    assert "interrupted: stopping sampling" in stderr
     assert stderr.rstrip().endswith("Gravity_MCMC.py: interrupted")
     # it quit before finishing: no summary claims a result, no file is half-written, and the earlier
     # run's result went when this run began with the folder
@@ -185,8 +196,7 @@ def test_a_second_ctrl_c_while_the_results_are_written_leaves_nothing_of_the_run
     plant_earlier_result(out, FLOW_FILES)
     run = Running("tests/integration/ctrl_c.py", "samples.npz", "Gravity_MCMC.py", "--iterations", 10_000_000,
                   "--burn-in", 200, "--samples", 500, "--out", out)
-    run.wait_for("sampling")
-    time.sleep(0.3)
+    run.wait_for_progress("sampling")
     run.interrupt()
     status, stderr = run.finish()
     assert status == 130, stderr
@@ -406,25 +416,18 @@ def test_a_table_completes_a_comparison_or_a_sweep(tmp_path, unfinished):
 # Reproducibility: same options and seed, same samples.npz, byte for byte (CPU)
 
 
-@pytest.fixture(scope="module")
-def profile_csv(tmp_path_factory):
-    """A user's profile: every tenth station of the synthetic data, with a sigma column."""
-    problem = forward.synthetic_problem()
-    path = tmp_path_factory.mktemp("data") / "profile.csv"
-    rows = [f"{float(x)!r},{float(g)!r},1.0" for x, g in zip(problem.stations[::10], problem.g_obs[::10])]
-    path.write_text("x,g,sigma\n" + "\n".join(rows) + "\n")
-    return path
-
-
+#: The runs of the reproducibility tests: as short as still makes hundreds of distinct samples.
 RUNS = {
-    "MCMC": ("Gravity_MCMC.py", "--iterations", 3000, "--burn-in", 200, "--samples", 2000),
-    "flow": ("Gravity_planar.py", "--iterations", 200, "--samples", 2000),
+    "MCMC": ("Gravity_MCMC.py", "--iterations", 500, "--burn-in", 100, "--samples", 500),
+    "flow": ("Gravity_planar.py", "--iterations", 50, "--samples", 500),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(RUNS))
-def seeded_runs(request, tmp_path_factory, profile_csv):
-    """Three runs of one method: seed 7 twice, seed 8 once, into different folders, all at once.
+def seeded_runs(request, tmp_path_factory, profile_csv, figures_rendered_only_in):
+    """Three runs of one method into different folders: seed 7 in a fresh process, and, while it runs,
+    seed 7 again and seed 8 in this process (after everything the suite ran before them: a result that
+    hung on any state of the process, its random generators included, would differ from the fresh one's).
 
     MCMC inverts the CSV profile (so its summary must describe the file), the flow the synthetic data.
     """
@@ -432,11 +435,19 @@ def seeded_runs(request, tmp_path_factory, profile_csv):
     script, *options = RUNS[request.param]
     if request.param == "MCMC":
         options += ["--data", profile_csv]
-    outs = [folder / "seed7-a", folder / "seed7-b", folder / "seed8"]
-    results = run_together([command(script, *options, "--quiet", "--seed", seed, "--out", out)
-                            for seed, out in zip((7, 7, 8), outs)])
-    for completed in results:
-        assert completed.returncode == 0, completed.stderr
+    outs = [folder / "seed7-process", folder / "seed7", folder / "seed8"]
+    process = subprocess.Popen(command(script, *options, "--quiet", "--seed", 7, "--out", outs[0]), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        main = importlib.import_module(script.removesuffix(".py")).main
+        with figures_rendered_only_in():  # samples.npz is what is compared
+            for seed, out in zip((7, 8), outs[1:]):
+                assert main([*map(str, options), "--quiet", "--seed", str(seed), "--out", str(out)]) == 0
+        _, stderr = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
     return request.param, outs
 
 
@@ -461,7 +472,7 @@ def test_summary_records_options_data_source_and_versions(seeded_runs, profile_c
     own = ({"iterations", "burn_in", "proposal_scale", "chains", "start"} if method == "MCMC" else
            {"iterations", "flows", "lr", "batch", "clip_norm", "clip_value", "device"})
     assert common | own <= set(settings)
-    assert settings["seed"] == 7 and settings["iterations"] == (3000 if method == "MCMC" else 200)
+    assert settings["seed"] == 7 and settings["iterations"] == RUNS[method][RUNS[method].index("--iterations") + 1]
     assert settings["bounds"] == [v for pair in forward.DEFAULT_BOUNDS for v in pair]
     assert settings["out"] == str(first)
 

@@ -1,6 +1,7 @@
 """One smoke-and-accuracy test per flow script: it runs end to end, writes every SPEC file, and is accurate."""
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -23,20 +24,26 @@ FLOW_KEYS = ["method", "settings", "parameters", "posterior", "reference", "erro
              "iterations", "train_time_s", "elbo", "kl", "is_ess", "khat", "data", "versions", "interrupted"]
 
 
+#: Training iterations of the end-to-end runs from the Laplace start (the defaults are 2000-3000).
+SHORT = 300
+
+
 @pytest.mark.parametrize("script", FLOW_SCRIPTS, ids=lambda module: module.__name__)
 def test_flow_script_writes_every_file_and_is_accurate(script, tmp_path, default_reference):
     # Default settings except fewer iterations and samples, sized for the suite; with the Laplace
-    # start this is already accurate (the README's numbers come from the full defaults).
-    status = script.main(["--iterations", "800", "--samples", "5000", "--out", str(tmp_path), "--quiet"])
+    # start this is already accurate (the README's numbers come from the full defaults). A wrong
+    # log-determinant shows as a "KL" below zero (the ELBO above log Z) or as a q that training
+    # pulls off the posterior; a wrong inverse or mask as draws whose log q is not their density.
+    status = script.main(["--iterations", str(SHORT), "--samples", "5000", "--out", str(tmp_path), "--quiet"])
     assert status == 0
     for name in FLOW_FILES:
         assert (tmp_path / name).stat().st_size > 0, name
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in FLOW_KEYS:
         assert key in summary, key
-    assert summary["iterations"] == 800 and summary["interrupted"] is False
+    assert summary["iterations"] == SHORT and summary["interrupted"] is False
     assert summary["error"] <= 0.05
-    assert summary["kl"] <= 0.005
+    assert -4 * summary["elbo_se"] < summary["kl"] <= 0.005, (summary["kl"], summary["elbo_se"])
     assert summary["is_ess"] >= 0.5
     assert summary["reference"]["log_evidence"] == pytest.approx(default_reference.log_evidence)
     for key in ("mean", "sd", "q05", "q50", "q95"):
@@ -45,21 +52,44 @@ def test_flow_script_writes_every_file_and_is_accurate(script, tmp_path, default
     assert samples["theta"].shape == (5000, 3)
 
 
-@pytest.mark.parametrize("name", ["Gravity_MCMC.py", "Gravity_planar.py", "Gravity_auto_NSF.py", "Gravity_invertible_Affine.py"])
-def test_help_states_the_defaults(name):
-    result = subprocess.run([sys.executable, name, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0
-    assert "--out" in result.stdout and "--seed" in result.stdout and "default" in result.stdout
+ALL_SCRIPTS = ["Gravity_MCMC.py", *(f"{module.__name__}.py" for module in FLOW_SCRIPTS)]
 
 
-def test_training_takes_a_flow_from_the_prior_to_the_posterior(tmp_path):
+def assert_help_states_the_defaults(text):
+    assert "--out" in text and "--seed" in text and "default" in text
+
+
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
+def test_help_states_the_defaults(name, monkeypatch, capsys):
+    """The script file run as ``__main__`` in this process (what ``python NAME --help`` runs once the
+    interpreter is up; a fresh interpreter costs 2-3 s of imports, paid once below)."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / name), "--help"])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(ROOT / name), run_name="__main__")
+    assert stopped.value.code == 0
+    assert_help_states_the_defaults(capsys.readouterr().out)
+
+
+def test_help_of_a_script_run_as_a_process():
+    result = subprocess.run([sys.executable, "Gravity_auto_NSF.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stderr == ""
+    assert_help_states_the_defaults(result.stdout)
+
+
+#: Iterations from the prior in the test below (its default from the prior is 4000). At 300 (seed 0)
+#: KL was 0.048 nats and the error 0.056; at 150, 0.55 and 0.15.
+PRIOR_ITERATIONS = 400
+
+
+def test_training_takes_a_flow_from_the_prior_to_the_posterior(tmp_path, unrendered_figures):
     """From --init prior the start is a hundred times too wide: only training can make the flow accurate
     (from the Laplace start, the end-to-end tests above could not tell a training loop that does nothing)."""
     runs = {}
-    for iterations in (1, 1500):
+    for iterations in (1, PRIOR_ITERATIONS):
         out = tmp_path / str(iterations)
         argv = ["--init", "prior", "--iterations", str(iterations), "--samples", "2000", "--out", str(out), "--quiet"]
         assert Gravity_coupling_NSF.main(argv) == 0
         runs[iterations] = json.loads((out / "summary.json").read_text())
     assert runs[1]["kl"] > 100 and runs[1]["error"] > 10
-    assert runs[1500]["kl"] < 3 and runs[1500]["error"] < 0.5
+    assert runs[PRIOR_ITERATIONS]["kl"] < 0.3 and runs[PRIOR_ITERATIONS]["error"] < 0.15
