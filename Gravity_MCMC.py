@@ -30,7 +30,10 @@ so far, pooled over all chains::
 1996; ``eps D``: a regulariser, ``REGULARISER`` times the first proposal's variance per coordinate,
 that keeps ``L`` defined if the chains have not moved). At the end of the burn-in ``L`` is fixed:
 the kept steps are an exact Metropolis–Hastings chain with one symmetric proposal, whatever the
-adaptation did (it only chose that proposal).
+adaptation did (it only chose that proposal). Chains from the prior still on their way in inflate the
+chains' covariance; while the last window's acceptance is below ``ACCEPTANCE_FLOOR`` (5 %: the proposal
+adapted so far does not work) the burn-in goes on, a window at a time, up to ``MAX_BURN_IN_FACTOR``
+times ``--burn-in``.
 
 Starts (``--init``; ``auto``, the default, picks one by the Laplace Gaussian's importance
 diagnostics, see ``start.py``), always inside the box, and said on the ``start:`` line:
@@ -39,8 +42,9 @@ diagnostics, see ``start.py``), always inside the box, and said on the ``start:`
   with the Laplace covariance (in the sampling coordinates, by the delta method) scaled by 2.38²/d;
 * ``prior``: the first chain starts at the original's (5.5, 8.5, 4.5) (and the centre of the density
   range) where that lies inside the box, at the box's centre where it does not; the others at draws
-  from the prior; the first proposal's sd is 3 % of each coordinate's prior range, adapted from there. On the original's problem (the default data, density and box) ``--init prior`` is instead the
-  original's run exactly: one chain in theta from (5.5, 8.5, 4.5), isotropic 0.01 m proposal, no
+  from the prior; the first proposal's sd is 3 % of each coordinate's prior range, adapted from
+  there. On the original's problem (the default data, density and box) ``--init prior`` is instead
+  the original's run exactly: one chain in theta from (5.5, 8.5, 4.5), isotropic 0.01 m proposal, no
   adaptation, 100000 kept + 20000 burn-in iterations. ``auto`` never runs it: its single chain and
   fixed steps mix only on the posterior the original had.
 
@@ -119,7 +123,7 @@ class SamplingCoordinates:
     and the box stays a box in theta: a proposal whose theta falls outside it has zero density and is
     rejected, never reflected. On the mass ridge of a free density the curve Δρ R³ = m is the straight
     line log Δρ + 3 log R = log m in these coordinates, which one Gaussian proposal follows; on the default
-    problem z and R become nearly symmetric and the proposal's scale is relative.
+    problem they change little (τ about 11 steps either way).
     """
 
     def __init__(self, problem, kind):

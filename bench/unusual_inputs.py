@@ -154,17 +154,34 @@ def run_case(case, method, out, timeout=1800):
     lines = stderr.splitlines()
     warnings = [line.strip() for line in lines if "warning" in line.lower()]
     errors = [line.strip() for line in lines if ": error:" in line or line.startswith("Traceback")]
-    row = {"case": case.name, "method": method, "exit": status, "error": None, "flow_alone": None, "time_s": round(seconds, 1),
-           "start": None, "files": None, "warnings": " | ".join(warnings), "message": " | ".join(errors[-1:])}
+    row = {"case": case.name, "method": method, "exit": status, "time_s": round(seconds, 1),
+           "warnings": " | ".join(warnings), "message": " | ".join(errors[-1:])}
+    return scored(row, folder)
+
+
+def scored(row, folder):
+    """``row`` with what the run's summary.json says (nothing where the run wrote none): the error against the
+    exact reference, the flow's own draws' error where it refined them, KL and k-hat (flows), the smallest
+    ESS and largest split R-hat (MCMC), the start, the wall time, and whether every figure was written."""
+    row = {**{key: None for key in SUMMARY_COLUMNS}, **row}
     summary_path = folder / "summary.json"
-    if status == 0 and summary_path.exists():
+    if row["exit"] in (0, "0") and summary_path.exists():
         summary = json.loads(summary_path.read_text())
         row["error"] = summary.get("error")
         row["flow_alone"] = (summary.get("vi") or {}).get("error")
-        row["time_s"] = round(summary.get("wall_time_s", seconds), 1)
+        row["kl"], row["khat"] = summary.get("kl"), summary.get("khat")
+        row["min_ess"] = min(summary["ess"]) if summary.get("ess") else None
+        row["max_rhat"] = max(summary["rhat"]) if summary.get("rhat") else None
+        row["time_s"] = round(summary.get("wall_time_s", row["time_s"]), 1)
         row["start"] = (summary.get("start") or {}).get("init")
-        row["files"] = all((folder / name).exists() and (folder / name).stat().st_size > 0 for name in expected_files(method))
+        row["files"] = all((folder / name).exists() and (folder / name).stat().st_size > 0
+                           for name in expected_files(row["method"]))
     return row
+
+
+SUMMARY_COLUMNS = ("error", "flow_alone", "kl", "khat", "min_ess", "max_rhat", "start", "files")
+COLUMNS = ("case", "method", "exit", "error", "flow_alone", "kl", "khat", "min_ess", "max_rhat", "time_s", "start",
+           "files", "warnings", "message")
 
 
 def _format(value, spec="{:.4f}"):
@@ -174,22 +191,35 @@ def _format(value, spec="{:.4f}"):
 
 
 def write_table(rows, out):
-    columns = ["case", "method", "exit", "error", "flow_alone", "time_s", "start", "files", "warnings", "message"]
     with open(out / "table.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| case | method | exit | error | flow alone | time (s) | start | files | warnings / message |",
-             "|:---|:---|---:|---:|---:|---:|:---|:---|:---|"]
+    lines = ["| case | method | exit | error | flow alone | KL (nats) | k-hat | min ESS | max R-hat | time (s) | start | "
+             "files | warnings / message |",
+             "|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|:---|:---|:---|"]
     for row in rows:
         error = _format(row["error"])
-        if row["error"] is not None and row["error"] > ERROR_GOAL:
+        if isinstance(row["error"], float) and row["error"] > ERROR_GOAL:
             error = f"**{error}**"
         note = "; ".join(filter(None, [row["warnings"], row["message"]])).replace("|", "/")
         lines.append(f"| {row['case']} | {row['method']} | {row['exit']} | {error} | {_format(row['flow_alone'])} | "
-                     f"{_format(row['time_s'], '{:.1f}')} | {_format(row['start'])} | {_format(row['files'])} | {note} |")
+                     f"{_format(row['kl'])} | {_format(row['khat'], '{:.2f}')} | {_format(row['min_ess'], '{:.0f}')} | "
+                     f"{_format(row['max_rhat'])} | {_format(row['time_s'], '{:.1f}')} | {_format(row['start'])} | "
+                     f"{_format(row['files'])} | {note} |")
     described = [f"- `{case.name}`: {case.description}" for case in CASES if any(row["case"] == case.name for row in rows)]
     (out / "table.md").write_text("\n".join(lines + ["", "Cases:", *described, ""]))
+
+
+def rebuild(out):
+    """The table again from a sweep's folders: its table.csv's exit status, time and warnings, and the summaries."""
+    with open(out / "table.csv", newline="") as handle:
+        rows = [scored({key: row.get(key) for key in ("case", "method", "exit", "time_s", "warnings", "message")},
+                       out / row["case"] / row["method"]) for row in csv.DictReader(handle)]
+    for row in rows:
+        row["exit"] = int(row["exit"]) if str(row["exit"]).lstrip("-").isdigit() else row["exit"]
+    write_table(rows, out)
+    return rows
 
 
 def main(argv=None):
@@ -199,7 +229,13 @@ def main(argv=None):
     parser.add_argument("--cases", help="comma-separated case names (default: all; --list shows them)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all seven)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="rewrite OUT's table from its runs' summaries (after a sweep), running nothing")
     args = parser.parse_args(argv)
+    if args.rebuild:
+        rebuild(Path(args.out))
+        print(f"wrote {args.out}/table.md", file=sys.stderr)
+        return 0
     if args.list:
         for case in CASES:
             print(f"{case.name:18s} {case.description}")

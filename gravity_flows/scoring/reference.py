@@ -585,7 +585,7 @@ def _fit_window(grid_reference, low, high, limit_low, limit_high, grid_points):
     probability, the window was misplaced: that side moves out by the window's width (up to the limit).
     Where the support (:func:`_support`) is below ZOOM_BELOW of the window on some axis, the grid is
     coarser than it need be: the window shrinks to the support. Then every axis whose quadrature error
-    (:func:`grid_check`) exceeds GRID_TOLERANCE gets the nodes that bring it to a quarter of that, by the
+    (:func:`grid_check`) exceeds GRID_TOLERANCE gets the nodes that bring it to half of that, by the
     trapezoid rule's h² law (MAX_GRID_POINTS at most). A posterior pressed on a bound is the case all
     of this is for: its best fit and Hessian describe a peak outside the box, the window they give is
     far wider than the mass the box keeps, and a marginal that falls off from the bound over a grid
@@ -608,7 +608,7 @@ def _fit_window(grid_reference, low, high, limit_low, limit_high, grid_points):
     check = grid_check(result, limit_low, limit_high)
     coarse = np.asarray(check["grid_error"]) > GRID_TOLERANCE
     if coarse.any() and np.all(points < MAX_GRID_POINTS):
-        factor = np.sqrt(np.asarray(check["grid_error"]) / (GRID_TOLERANCE / 4))
+        factor = np.sqrt(np.asarray(check["grid_error"]) / (GRID_TOLERANCE / 2))
         wanted = 2 * np.ceil((points - 1) * factor / 2).astype(int) + 1  # odd: every other node keeps both ends
         points = np.where(coarse, np.minimum(wanted, MAX_GRID_POINTS), points)
         result = grid_reference(low, high, points)

@@ -535,3 +535,24 @@ def test_a_misplaced_first_window_is_moved_out():
     moved = reference._fit_window(grid_reference, low, high, limit_low, limit_high, reference.GRID_POINTS)
     assert moved.check["ok"]
     assert np.all(np.abs(moved.mean - exact.mean) < 2e-3 * exact.sd)
+
+
+def test_posterior_pressed_on_a_bound_with_the_density_known_agrees_with_brute_force():
+    """The same profile with the density known: a plain 3-D trapezoid quadrature of problem.log_posterior on a window
+    of ±10 of the result's sd (x0 from its bound 0) agrees, and the self-check passes."""
+    problem = profile_problem()
+    result = reference.compute_reference(problem)
+    low = np.maximum(result.mean - 10 * result.sd, problem.bounds[:, 0])
+    high = np.minimum(result.mean + 10 * result.sd, problem.bounds[:, 1])
+    nodes = [np.linspace(lo, hi, n) for lo, hi, n in zip(low, high, (121, 41, 41))]
+    grid = np.stack(np.meshgrid(*nodes, indexing="ij"), axis=-1)
+    log_cell = sum(np.expand_dims(np.log(reference._trapezoid_weights(n)), [a for a in range(3) if a != k])
+                   for k, n in enumerate(nodes))
+    log_mass = problem.log_posterior(grid) + log_cell
+    mass = np.exp(log_mass - logsumexp(log_mass))
+    means = np.array([np.sum(mass * grid[..., k]) for k in range(3)])
+    sds = np.sqrt([np.sum(mass * (grid[..., k] - means[k]) ** 2) for k in range(3)])
+    assert np.all(np.abs(result.mean - means) < 0.01 * result.sd), (result.mean, means)
+    np.testing.assert_allclose(result.sd, sds, rtol=0.01)
+    assert result.log_evidence == pytest.approx(logsumexp(log_mass), abs=0.01)
+    assert result.check["ok"] and result.nodes[0][0] == 0.0
