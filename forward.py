@@ -29,6 +29,7 @@ typically wrong units).
 
 import csv
 import math
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -534,6 +535,7 @@ class Laplace:
     the gradient there is not zero, and the posterior falls off from the bound over far less than the
     Hessian's sd), and where the θ-space Hessian at the best fit is not negative definite.
 
+    ``seconds``: the wall time the approximation took (a method's setup cost, ``setup_time_s``).
     ``sd_fraction``: {name: sd of the u-space Laplace mapped onto the box / prior range} for every
     parameter. ``weak``: the data barely constrain the body, i.e. ``barely_constrained`` (the
     geometric parameters whose ``sd_fraction`` reaches :data:`WEAK_SD_FRACTION`) is not empty; the
@@ -552,6 +554,8 @@ class Laplace:
     weak: bool = False
     barely_constrained: tuple = ()
     sd_fraction: dict = field(default_factory=dict)
+    #: Wall time of the search (both optimisations and Hessians), s: part of the cost of the whole job.
+    seconds: float = 0.0
 
     @property
     def theta_sd(self):
@@ -652,6 +656,7 @@ def laplace_approximation(problem, n_starts=8, seed=0):
     posterior can make sense of raise DataError: a best fit on a bound that misses the data by many
     times the noise, and weak data that scatter far less than the stated noise (see :data:`MISFIT_FACTOR`).
     """
+    began = time.perf_counter()
     rng = np.random.default_rng(seed)
     starts = [np.zeros(problem.dim)] + [rng.uniform(-2.0, 2.0, size=problem.dim) for _ in range(n_starts - 1)]
     u_best_fit = _minimise(problem, starts, with_jacobian=False)
@@ -699,4 +704,5 @@ def laplace_approximation(problem, n_starts=8, seed=0):
         weak=weak,
         barely_constrained=barely,
         sd_fraction={p.name: float(f) for p, f in zip(problem.parameters, sd_fraction)},
+        seconds=time.perf_counter() - began,
     )
