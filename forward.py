@@ -456,12 +456,14 @@ class BoxBijection(torch.nn.Module):
         bounds = torch.as_tensor(np.asarray(bounds, dtype=float))
         self.register_buffer("low", bounds[:, 0].clone())
         self.register_buffer("width", (bounds[:, 1] - bounds[:, 0]).clone())
+        self.register_buffer("high", self.low + self.width, persistent=False)  # derived: not in the state dict
+        self.register_buffer("log_width", torch.log(self.width).sum(), persistent=False)
 
     def forward(self, u):
-        low, width = self.low.to(u.dtype), self.width.to(u.dtype)
-        theta = low + width * torch.sigmoid(u)
-        theta = torch.minimum(theta, low + width)  # guard against rounding above hi
-        log_det = (torch.log(width) - torch.nn.functional.softplus(u) - torch.nn.functional.softplus(-u)).sum(-1)
+        low, width, high = self.low.to(u.dtype), self.width.to(u.dtype), self.high.to(u.dtype)
+        theta = torch.minimum(torch.addcmul(low, width, torch.sigmoid(u)), high)  # guard against rounding above hi
+        softplus = torch.nn.functional.softplus
+        log_det = self.log_width.to(u.dtype) - (softplus(u) + softplus(-u)).sum(-1)
         return theta, log_det
 
     def inverse(self, theta):
