@@ -109,6 +109,63 @@ def test_torch_likelihood_matches_numpy_and_has_finite_gradient(default_problem)
     assert torch.isfinite(theta.grad).all() and (theta.grad != 0).all()
 
 
+def small_problem(free_density=False, per_station_sigma=False):
+    """A 25-station profile (gradcheck's finite differences are cheap on it), density known or free."""
+    problem = forward.synthetic_problem(density_bounds=(1000.0, 4000.0) if free_density else None)
+    stations, g_obs = problem.stations[::40], problem.g_obs[::40]
+    noise_sd = np.linspace(0.5, 2.0, stations.size) if per_station_sigma else 1.3
+    return forward.Problem(stations, g_obs, noise_sd, bounds=problem.bounds, parameters=problem.parameters)
+
+
+def plain_log_likelihood(problem, theta):
+    """The likelihood as autograd records it from the forward model: the reference for the fused pass."""
+    density = theta[..., 3:4] if problem.free_density else problem.density
+    predicted = sphere_anomaly(torch.as_tensor(problem.stations), theta, density)
+    return forward.gaussian_misfit(predicted, torch.as_tensor(problem.g_obs), torch.as_tensor(problem.weights)) \
+        + problem.log_likelihood_constant
+
+
+def parameter_sets(problem, n, seed=0):
+    """n parameter sets spread over the posterior's neighbourhood and beyond (10 % about the truth)."""
+    truth = np.append(forward.DEFAULT_TRUTH, 2500.0)[:problem.dim]
+    rng = np.random.default_rng(seed)
+    return torch.tensor(truth * (1 + 0.1 * rng.standard_normal((n, problem.dim))), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("free_density", [False, True])
+@pytest.mark.parametrize("per_station_sigma", [False, True])
+def test_fused_likelihood_passes_gradcheck_and_gradgradcheck(free_density, per_station_sigma):
+    """The fused pass's analytic gradient against finite differences (float64), and its Hessian path."""
+    problem = small_problem(free_density, per_station_sigma)
+    likelihood = forward.TorchLikelihood(problem)
+    theta = parameter_sets(problem, 5).requires_grad_()
+    assert torch.autograd.gradcheck(likelihood, (theta,), eps=1e-6, atol=1e-5, rtol=1e-6)
+    assert torch.autograd.gradgradcheck(likelihood, (theta,), eps=1e-6, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("free_density", [False, True])
+def test_fused_likelihood_equals_the_plain_expression_and_its_autograd_gradient(free_density):
+    problem = forward.synthetic_problem(density_bounds=(1000.0, 4000.0) if free_density else None)
+    theta = parameter_sets(problem, 64).requires_grad_()
+    value = forward.TorchLikelihood(problem)(theta)
+    (gradient,) = torch.autograd.grad(value.sum(), theta)
+    theta_plain = theta.detach().requires_grad_()
+    expected = plain_log_likelihood(problem, theta_plain)
+    (expected_gradient,) = torch.autograd.grad(expected.sum(), theta_plain)
+    torch.testing.assert_close(value.detach(), expected.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(gradient, expected_gradient, rtol=1e-10, atol=1e-10 * expected_gradient.abs().max().item())
+
+
+def test_fused_likelihood_keeps_batch_shapes_and_needs_no_gradient():
+    problem = forward.synthetic_problem()
+    likelihood = forward.TorchLikelihood(problem)
+    theta = parameter_sets(problem, 12).reshape(3, 4, 3)
+    value = likelihood(theta)
+    assert value.shape == (3, 4) and not value.requires_grad
+    np.testing.assert_allclose(value.numpy(), problem.log_likelihood(theta.numpy()), rtol=1e-12)
+    assert likelihood(theta[0, 0]).shape == ()
+
+
 def mixed_sigma_problem():
     """The default data with per-station noise sd from 0.5 to 2 µGal."""
     problem = forward.synthetic_problem()

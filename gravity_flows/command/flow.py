@@ -5,8 +5,10 @@ else a run does — data, exact reference, start, training, evaluation, refineme
 ``summary.json`` — is :func:`run_flow_method`, the same for all six.
 """
 
+import argparse
 import math
 import sys
+import time
 
 import numpy as np
 import torch
@@ -58,6 +60,12 @@ def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=Fal
     group.add_argument("--anneal", type=cli.fraction, metavar="FRACTION",
                        help="anneal the likelihood: beta rises geometrically from 1e-4 to 1 over this share of the "
                             f"iterations; 0: off (default: {ANNEAL_FROM_PRIOR} from the prior start, 0 from the Laplace start)")
+    group.add_argument("--anneal-ess", type=_anneal_ess, default=0.0, metavar="ESS",
+                       help="adaptive annealing: after each step beta rises as far as the batch's importance weights against "
+                            "the tempered target keep this normalised ESS (as tempered SMC chooses its temperatures); it "
+                            "ends when beta reaches 1 and the share of --anneal it did not need is not run. 0: beta rises "
+                            "geometrically over the whole share (default: %(default)s; on the mass ridge 0.5 halved the "
+                            "iterations but the flows then settled on part of the ridge)")
     clip = group.add_mutually_exclusive_group()
     clip.add_argument("--clip-norm", type=cli.positive_float, metavar="X", help="clip the gradient's norm to X")
     clip.add_argument("--clip-value", type=cli.positive_float, metavar="X", help="clip every gradient component to [-X, X]")
@@ -75,6 +83,13 @@ def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=Fal
                             "importance resampling, mh = independence Metropolis-Hastings with the flow as proposal "
                             "(default: %(default)s)")
     return parser
+
+
+def _anneal_ess(text):
+    value = cli.fraction(text)
+    if value >= 1.0:
+        raise argparse.ArgumentTypeError(f"must be < 1 (0: the geometric schedule), got {text}")
+    return value
 
 
 def resolve_defaults(args, init):
@@ -121,11 +136,20 @@ def run_flow_method(args, build_layers):
     """Everything a flow script does after parsing: data, reference, start, training, evaluation, refinement, outputs."""
     with cli.Timer() as total:
         device = device_for(args.device)
-        problem, out, laplace, reference = cli.setup_run(args)
-        chosen = choose_start(args.init, problem, laplace)
+        # the setup a user pays for (data, MAP/Laplace, the start's choice), not the exact reference that judges the run
+        began, loaded = time.perf_counter(), {}
+
+        def note_loaded(problem):
+            loaded["seconds"] = time.perf_counter() - began
+
+        problem, out, laplace, reference = cli.setup_run(args, check=note_loaded)
+        with cli.Timer() as choosing:
+            chosen = choose_start(args.init, problem, laplace)
+        setup_seconds = loaded["seconds"] + laplace.seconds + choosing.seconds
         resolve_defaults(args, chosen.init)
         print(f"start: {chosen.init} ({chosen.reason})" + (f"; annealing over {100 * args.anneal:.0f} % of "
-              f"{args.iterations} iterations" if args.anneal else ""), file=sys.stderr)
+              f"{args.iterations} iterations" + (f" at most (adaptive, ESS {args.anneal_ess:g})" if args.anneal_ess else "")
+              if args.anneal else ""), file=sys.stderr)
 
         model = build_flow(args, build_layers, laplace, problem, device, chosen.init)
         log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)
@@ -139,12 +163,13 @@ def run_flow_method(args, build_layers):
             error = score(theta_now, reference)["error"] if np.all(np.isfinite(theta_now)) else math.inf
             recorder.add(iteration, seconds, chosen.likelihood_evaluations + iteration * args.batch, error, stage="training")
 
+        trace = {}
         with cli.interruptible("training") as stop:
             try:
                 history, train_seconds = train(
                     model, log_likelihood, problem.log_prior_density, iterations=args.iterations, batch=args.batch,
                     lr=args.lr, clip_norm=args.clip_norm, clip_value=args.clip_value, generator=generator,
-                    progress=not args.quiet, stop=stop, anneal=args.anneal,
+                    progress=not args.quiet, stop=stop, anneal=args.anneal, anneal_ess=args.anneal_ess or None, trace=trace,
                     checkpoints=convergence.checkpoint_iterations(args.iterations, args.checkpoints),
                     on_checkpoint=score_now)
             except TrainingDiverged as error:
@@ -159,9 +184,10 @@ def run_flow_method(args, build_layers):
         results = importance_diagnostics(log_weights, reference.log_evidence)
         results.update(
             start=chosen.summary(),
+            setup_time_s=setup_seconds,
             iterations=int(history.size),
             anneal=args.anneal,
-            anneal_iterations=int(round(args.anneal * args.iterations)),
+            anneal_iterations=trace["anneal_iterations"],
             train_time_s=train_seconds,
             time_per_iteration_ms=1e3 * train_seconds / history.size,
             n_parameters=int(sum(p.numel() for p in model.parameters())),

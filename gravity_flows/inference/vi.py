@@ -69,18 +69,22 @@ class FlowPosterior(nn.Module):
         matrix = torch.diag_embed(diagonal)
         return matrix.index_put((self.lower_index[0], self.lower_index[1]), self.raw_lower)
 
+    def sample_u(self, n, generator=None):
+        """``n`` draws of u (n, dim), before the box, and their log q(u) (n,), in one differentiable pass."""
+        eps = torch.randn(n, self.dim, generator=generator, dtype=self.loc.dtype, device=self.loc.device)
+        matrix = self.base_matrix()
+        # log N(eps) - log|A|, one reduction for both
+        log_q = -0.5 * eps.square().sum(-1) - (0.5 * self.dim * math.log(2 * math.pi) + self.log_det_scale) \
+            - torch.log(torch.diagonal(matrix)).sum()
+        y = torch.addmm(self.loc, eps, matrix.T)
+        y, log_det = self.flow(y)
+        return torch.addmm(self.shift, y, self.scale_tril.T), log_q - log_det
+
     def sample(self, n, generator=None):
         """``n`` samples theta (n, dim) and their log q(theta) (n,), in one differentiable pass."""
-        eps = torch.randn(n, self.dim, generator=generator, dtype=self.loc.dtype, device=self.loc.device)
-        log_q = -0.5 * eps.square().sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
-        matrix = self.base_matrix()
-        y = self.loc + eps @ matrix.T
-        log_q = log_q - torch.log(torch.diagonal(matrix)).sum()
-        y, log_det = self.flow(y)
-        log_q = log_q - log_det
-        u = self.shift + y @ self.scale_tril.T
+        u, log_q = self.sample_u(n, generator)
         theta, log_det = self.box(u)
-        return theta, log_q - self.log_det_scale - log_det
+        return theta, log_q - log_det
 
 
 def standardisation(init, laplace):
@@ -95,6 +99,12 @@ def standardisation(init, laplace):
 BETA_START = 1e-4
 #: How often (iterations) training looks at the loss on the host: a check per step would stall a GPU.
 CHECK_EVERY = 100
+#: Adaptive annealing looks at beta on the host this often, to end the annealing once beta is 1.
+ANNEAL_CHECK_EVERY = 10
+#: Candidate temperatures per step of the adaptive schedule (geometric between the current beta and 1).
+ANNEAL_CANDIDATES = 64
+#: The adaptive schedule starts from this beta (the prior itself, beta = 0, has no geometric neighbours).
+ADAPTIVE_BETA_START = 1e-8
 
 
 def elbo_terms(model, log_likelihood, log_prior, n, generator=None):
@@ -115,37 +125,101 @@ def anneal_schedule(iterations, fraction, beta_start=BETA_START):
     return beta
 
 
+def normalised_ess(log_weights):
+    """(sum w)^2 / (n sum w^2) along the last axis, torch: 1 for equal weights, 1/n for one weight."""
+    log_weights = log_weights - log_weights.amax(-1, keepdim=True)
+    return torch.exp(2 * torch.logsumexp(log_weights, -1) - torch.logsumexp(2 * log_weights, -1)) / log_weights.shape[-1]
+
+
+def next_temperature(beta, log_likelihood, log_rest, ess, candidates=ANNEAL_CANDIDATES):
+    """The adaptive annealing step (as tempered SMC chooses its next temperature, Del Moral et al. 2012;
+    Jasra et al. 2011): the largest beta' in [beta, 1] at which the draws of q, weighted against the
+    tempered target p_beta'(theta) ∝ L(theta)^beta' p(theta), keep a normalised ESS of at least ``ess``,
+
+        w_s(beta') = L(theta_s)^beta' p(theta_s) / q(theta_s),   ESS(beta') = (sum w)^2 / (n sum w^2) >= ess;
+
+    ``beta`` itself where even that fails (q has not yet caught up with p_beta). ``log_likelihood`` and
+    ``log_rest`` (= log p - log q) are the batch's, detached; ``beta`` a 0-d tensor. Searched on a
+    geometric grid of ``candidates`` values from beta to 1, on the device (no host sync)."""
+    steps = torch.linspace(1.0, 0.0, candidates + 1, dtype=log_likelihood.dtype, device=log_likelihood.device)
+    grid = torch.exp(torch.log(beta) * steps)  # beta ... 1 (exactly), geometric
+    ess_of = normalised_ess(grid[:, None] * log_likelihood + log_rest)
+    allowed = torch.where(ess_of >= ess, grid, beta)
+    return torch.maximum(allowed.amax(), beta)
+
+
+def _cosine(lr, step, total):
+    """Adam's learning rate at ``step`` (0-based) of a cosine decay from ``lr`` to 0 over ``total`` steps."""
+    return 0.5 * lr * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
 def train(model, log_likelihood, log_prior, *, iterations, batch, lr, clip_norm=None, clip_value=None,
-          generator=None, progress=True, stop=None, anneal=0.0, checkpoints=(), on_checkpoint=None):
+          generator=None, progress=True, stop=None, anneal=0.0, anneal_ess=None, beta_start=BETA_START,
+          checkpoints=(), on_checkpoint=None, trace=None):
     """Maximise the (annealed) ELBO with Adam and a cosine decay of the learning rate to zero.
 
-    With ``anneal`` > 0 the likelihood is tempered during the first ``anneal`` share of the
-    iterations: the loss is -E_q[beta log L + log p - log q] with beta from :func:`anneal_schedule`,
-    so that q first spreads over the prior and then contracts onto the posterior as beta rises to 1.
+    Arguments
+    ---------
+    model, log_likelihood, log_prior : the FlowPosterior, a torch function theta -> log L, log p (a number).
+    iterations, batch, lr : training iterations (at most, with ``anneal_ess``), draws per step, Adam's rate.
+    clip_norm, clip_value : gradient clipping by norm or by value (None: off).
+    generator : the torch generator of the draws; ``progress`` a progress bar on stderr; ``stop`` an
+        object whose ``interrupted`` flag ends training early.
+    anneal : the share of the iterations over which the likelihood is tempered (0: never): the loss is
+        -E_q[beta log L + log p - log q] with beta rising from near 0 to 1, so that q first spreads over
+        the prior and then contracts onto the posterior.
+    anneal_ess : None: beta rises geometrically over exactly that share (:func:`anneal_schedule`), and
+        the learning rate decays by a cosine over all the iterations. A fraction in (0, 1): the adaptive
+        schedule — after each step beta rises as far as the importance weights of the batch against the
+        tempered target allow (:func:`next_temperature`), annealing ends when beta reaches 1 (or at the
+        end of its share), and the iterations of the share it did not need are not run; the learning
+        rate stays at ``lr`` while annealing and then decays by a cosine over the ``(1 - anneal)``
+        share of the iterations that follows.
+    checkpoints, on_checkpoint : after each iteration listed (1-based) ``on_checkpoint(iteration,
+        seconds)`` is called with the training time so far; the time it takes is not counted.
+    trace : a dict, or None; receives ``beta`` (numpy, every iteration done) and ``anneal_iterations``
+        (the iterations annealing took, those of its share: the iteration at which beta became 1 for good).
 
-    Returns ``(history, seconds)``: the ELBO estimate (at beta = 1, whatever the current beta) of
-    every iteration done — fewer than ``iterations`` if ``stop`` (an object with an ``interrupted``
-    flag) was set — and the training time. After each iteration listed in ``checkpoints`` (1-based)
-    ``on_checkpoint(iteration, seconds)`` is called with the training time so far; the time the
-    callback takes is not counted. The loss is brought to the host only every ``CHECK_EVERY``
+    Returns ``(history, seconds)``: the ELBO estimate (at beta = 1, whatever the current beta) of every
+    iteration done, and the training time. The loss is brought to the host only every ``CHECK_EVERY``
     iterations (a per-step ``.item()`` stalls a GPU); a non-finite ELBO then raises
     :class:`TrainingDiverged` naming the first iteration where it appeared.
     """
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=iterations, eta_min=0.0)
-    beta = anneal_schedule(iterations, anneal).tolist()
-    checkpoints = set(checkpoints)
+    adaptive = anneal_ess is not None and anneal > 0
+    if adaptive and not 0.0 < anneal_ess < 1.0:
+        raise ValueError(f"the annealing ESS must lie in (0, 1), got {anneal_ess}")
+    anneal_budget = int(round(anneal * iterations))
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+    if adaptive:
+        beta = torch.tensor(ADAPTIVE_BETA_START, dtype=dtype, device=device)
+        post_anneal = iterations - anneal_budget
+    else:
+        fixed_beta = anneal_schedule(iterations, anneal, beta_start).tolist()
+    anneal_end = None if anneal_budget > 0 else 0  # the iteration at which annealing ended (None: not yet)
+    checkpoints = set(checkpoints)
     history = torch.empty(iterations, dtype=torch.float64, device=device)
-    bar = tqdm(range(iterations), desc="training", disable=not progress, mininterval=0.5, file=sys.stderr)
+    betas = torch.ones(iterations, dtype=torch.float64, device=device) if trace is not None else None
+    bar = tqdm(total=iterations, desc="training", disable=not progress, mininterval=0.5, file=sys.stderr)
     clock = convergence.Clock(lambda: torch.cuda.synchronize(device) if device.type == "cuda" else None)
-    done = iterations
-    for iteration in bar:
+    iteration = 0
+    while iteration < iterations:
+        # the learning rate: constant while adaptive annealing runs, then a cosine to 0
+        if adaptive:
+            step_lr = lr if anneal_end is None else _cosine(lr, iteration - anneal_end, post_anneal)
+        else:
+            step_lr = _cosine(lr, iteration, iterations)
+        for group in optimiser.param_groups:
+            group["lr"] = step_lr
+        step_beta = (beta if anneal_end is None else 1.0) if adaptive else fixed_beta[iteration]
         try:
             theta, log_q = model.sample(batch, generator)
             log_like = log_likelihood(theta)
-            elbo = (log_like + log_prior - log_q).mean()
-            loss = -elbo if beta[iteration] == 1.0 else -(beta[iteration] * log_like + log_prior - log_q).mean()
+            log_rest = log_prior - log_q
+            elbo = (log_like + log_rest).mean()
+            loss = -elbo if isinstance(step_beta, float) and step_beta == 1.0 else -(step_beta * log_like + log_rest).mean()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             if clip_norm is not None:
@@ -153,29 +227,44 @@ def train(model, log_likelihood, log_prior, *, iterations, batch, lr, clip_norm=
             if clip_value is not None:
                 nn.utils.clip_grad_value_(model.parameters(), clip_value)
             optimiser.step()
-            schedule.step()
         except Exception:
             _check_finite(history, iteration, iterations)  # after a NaN step anything may fail: name the NaN
             raise
         history[iteration] = elbo.detach()
-        last = iteration + 1 == iterations or (stop is not None and stop.interrupted)
-        if (iteration + 1) % CHECK_EVERY == 0 or last:
-            recent = history[max(0, iteration + 1 - CHECK_EVERY):iteration + 1]
-            _check_finite(history, iteration + 1, iterations)
-            bar.set_postfix_str(f"ELBO {recent.mean().item():.2f}" + (f", beta {beta[iteration]:.2g}" if beta[iteration] < 1 else ""),
-                                refresh=False)
-        if iteration + 1 in checkpoints and on_checkpoint is not None:
+        if betas is not None:
+            betas[iteration] = step_beta
+        iteration += 1
+        bar.update()
+        if adaptive and anneal_end is None:
+            beta = next_temperature(beta, log_like.detach(), log_rest.detach(), anneal_ess)
+            if iteration == anneal_budget or (iteration % ANNEAL_CHECK_EVERY == 0 and bool(beta >= 1.0)):
+                anneal_end = iteration
+                iterations = min(iterations, anneal_end + post_anneal)  # the share annealing did not need is not run
+                bar.total = iterations
+        elif not adaptive and anneal_end is None and iteration == anneal_budget:
+            anneal_end = iteration
+        last = iteration == iterations or (stop is not None and stop.interrupted)
+        if iteration % CHECK_EVERY == 0 or last:
+            recent = history[max(0, iteration - CHECK_EVERY):iteration]
+            _check_finite(history, iteration, iterations)
+            note = "" if anneal_end is not None else f", beta {float(step_beta):.2g}"
+            bar.set_postfix_str(f"ELBO {recent.mean().item():.2f}{note}", refresh=False)
+        if iteration in checkpoints and on_checkpoint is not None:
+            so_far = clock.seconds()  # read before the pause, so that no later reading can be smaller
             with clock.paused():
-                _check_finite(history, iteration + 1, iterations)
-                on_checkpoint(iteration + 1, clock.seconds())
+                _check_finite(history, iteration, iterations)
+                on_checkpoint(iteration, so_far)
         if stop is not None and stop.interrupted:
-            done = iteration + 1
             break
     bar.close()
     seconds = clock.seconds()
+    done = iteration
     for parameter in model.parameters():
         if not torch.isfinite(parameter).all():
             raise TrainingDiverged(f"training diverged by iteration {done}: some flow parameters are not finite")
+    if trace is not None:
+        trace["beta"] = betas[:done].cpu().numpy()
+        trace["anneal_iterations"] = int(done if anneal_end is None else anneal_end)
     return history[:done].cpu().numpy(), seconds
 
 

@@ -99,4 +99,6 @@ def print_summary(summary, extra_lines=(), file=None):
     print(f"error (largest W1/sd): {summary['error']:.4f}", file=file)
     for line in extra_lines:
         print(line, file=file)
-    print(f"wall time: {summary['wall_time_s']:.1f} s", file=file)
+    setup = summary.get("setup_time_s")
+    print(f"wall time: {summary['wall_time_s']:.1f} s"
+          + ("" if setup is None else f" (setup: data, MAP/Laplace and the start's choice, {setup:.2f} s)"), file=file)

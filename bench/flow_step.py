@@ -1,0 +1,112 @@
+"""Milliseconds per training step of every flow, against the floor a step cannot go below.
+
+A training step draws ``--batch`` parameter sets from q, evaluates the log-likelihood of each at
+every station, and back-propagates the negative ELBO into the flow's parameters (Adam). Its floor
+is the likelihood's own forward and backward pass for the same batch — the physics, which no flow
+can skip; "bare" is the flow with no layers (the learnable Gaussian base), so
+
+    flow ms - bare ms   = what the method's layers cost,
+    bare ms - floor ms  = what sampling, the box map, the loss and Adam cost.
+
+Every flow is built as its script builds it (its defaults, the start ``--init auto`` chooses on this
+problem) and trained by ``vi.train`` at a fixed temperature. After a warm-up, each repeat times
+the floor and every flow once in turn, so that a busy stretch of the machine slows all of them
+alike; the median over repeats is printed. Timings on a shared machine are noisy: compare two
+versions in the same run (``--code DIR`` times the checkout in DIR instead of this one).
+
+    python bench/flow_step.py                               # the default problem
+    python bench/flow_step.py --density-bounds 1000 4000    # the mass ridge (density unknown)
+"""
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+FLOWS = ("planar", "auto_Affine", "auto_NSF", "coupling_Affine", "coupling_NSF", "invertible_Affine")
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.strip().partition("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--density-bounds", nargs=2, type=float, metavar=("LO", "HI"),
+                        help="make the density a fourth unknown (the mass ridge); default: the density is known")
+    parser.add_argument("--methods", default=",".join(FLOWS), help="comma-separated flows (default: all six)")
+    parser.add_argument("--batch", type=int, default=64, help="samples per step (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=200, help="steps per timing (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timings per flow; the median is kept (default: %(default)s)")
+    parser.add_argument("--warm-up", type=int, default=30, help="untimed steps per flow first (default: %(default)s)")
+    parser.add_argument("--code", metavar="DIR", help="time the checkout in DIR (e.g. an older release) instead of this one")
+    parser.add_argument("--json", metavar="FILE", help="also write the medians (ms) to FILE")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    root = Path(args.code).resolve() if args.code else Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    import torch
+
+    import forward
+    from gravity_flows.command import flow
+    from gravity_flows.inference import start, vi
+
+    device = flow.device_for("cpu")  # one thread, as the scripts train
+    problem = forward.synthetic_problem(density_bounds=args.density_bounds)
+    laplace = forward.laplace_approximation(problem)
+    init = start.choose_start("auto", problem, laplace).init
+    log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)
+
+    runs = {}
+    for method in args.methods.split(","):
+        script = importlib.import_module(f"Gravity_{method}")
+        options = flow.resolve_defaults(script.build_parser().parse_args([]), init)
+        runs[method] = (flow.build_flow(options, script.build_layers, laplace, problem, device, init), options)
+    options = next(iter(runs.values()))[1]
+    runs["bare"] = (flow.build_flow(options, lambda options, dim: [], laplace, problem, device, init), options)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def train(model, options, steps):
+        vi.train(model, log_likelihood, problem.log_prior_density, iterations=steps, batch=args.batch, lr=options.lr,
+                 clip_norm=options.clip_norm, clip_value=options.clip_value, generator=generator, progress=False)
+
+    # the floor: the likelihood's forward and backward pass at parameter sets q would draw
+    with torch.no_grad():
+        theta_floor, _ = runs["bare"][0].sample(args.batch, generator)
+
+    def floor(steps):
+        for _ in range(steps):
+            theta = theta_floor.clone().requires_grad_()
+            log_likelihood(theta).sum().backward()
+
+    floor(args.warm_up)
+    for model, options in runs.values():
+        train(model, options, args.warm_up)
+    seconds = {"floor": []} | {name: [] for name in runs}
+    for _ in range(args.repeats):
+        began = time.perf_counter()
+        floor(args.steps)
+        seconds["floor"].append(time.perf_counter() - began)
+        for name, (model, options) in runs.items():
+            began = time.perf_counter()
+            train(model, options, args.steps)
+            seconds[name].append(time.perf_counter() - began)
+    ms = {name: 1e3 * statistics.median(values) / args.steps for name, values in seconds.items()}
+
+    what = "the mass ridge (density unknown)" if args.density_bounds else "the default problem (density known)"
+    print(f"ms per training step, batch {args.batch}, {problem.n_stations} stations, {problem.dim} unknowns, "
+          f"{what}, start {init}; code {root}")
+    print(f"{'':<18} {'ms/step':>8} {'x floor':>8}")
+    for name, value in ms.items():
+        print(f"{name:<18} {value:8.3f} {value / ms['floor']:8.2f}")
+    print("floor = the likelihood's forward + backward alone; bare = the flow with no layers (its Gaussian base)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(ms, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
