@@ -17,8 +17,9 @@ from gravity_flows.command import flow, runner
 from gravity_flows.flows.autoregressive import AutoregressiveAffine, layer_orders
 
 
-def build_layers(args, dim):
-    return [AutoregressiveAffine(dim=dim, hidden=args.hidden, order=order) for order in layer_orders(dim, args.flows)]
+def build_layers(args, dim, context=0):
+    return [AutoregressiveAffine(dim=dim, hidden=args.hidden, order=order, context=context)
+            for order in layer_orders(dim, args.flows)]
 
 
 def build_parser():

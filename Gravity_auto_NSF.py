@@ -16,9 +16,10 @@ from gravity_flows.command import flow, runner
 from gravity_flows.flows.autoregressive import AutoregressiveSpline, layer_orders
 
 
-def build_layers(args, dim):
+def build_layers(args, dim, context=0):
     return [
-        AutoregressiveSpline(dim=dim, hidden=args.hidden, order=order, bins=args.bins, tail_bound=args.tail_bound)
+        AutoregressiveSpline(dim=dim, hidden=args.hidden, order=order, bins=args.bins, tail_bound=args.tail_bound,
+                             context=context)
         for order in layer_orders(dim, args.flows)
     ]
 

@@ -17,8 +17,9 @@ from gravity_flows.command import flow, runner
 from gravity_flows.flows.layers import AffineCoupling, coupling_mask
 
 
-def build_layers(args, dim):
-    return [AffineCoupling(dim=dim, transformed=coupling_mask(dim, k), hidden=args.hidden) for k in range(args.flows)]
+def build_layers(args, dim, context=0):
+    return [AffineCoupling(dim=dim, transformed=coupling_mask(dim, k), hidden=args.hidden, context=context)
+            for k in range(args.flows)]
 
 
 def build_parser():

@@ -18,9 +18,10 @@ from gravity_flows.flows.layers import coupling_mask
 from gravity_flows.flows.splines import SplineCoupling
 
 
-def build_layers(args, dim):
+def build_layers(args, dim, context=0):
     return [
-        SplineCoupling(dim=dim, transformed=coupling_mask(dim, k), hidden=args.hidden, bins=args.bins, tail_bound=args.tail_bound)
+        SplineCoupling(dim=dim, transformed=coupling_mask(dim, k), hidden=args.hidden, bins=args.bins, tail_bound=args.tail_bound,
+                       context=context)
         for k in range(args.flows)
     ]
 

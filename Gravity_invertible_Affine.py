@@ -19,8 +19,8 @@ from gravity_flows.command import flow, runner
 from gravity_flows.flows.layers import GlowStep
 
 
-def build_layers(args, dim):
-    return [GlowStep(dim=dim, hidden=args.hidden, index=k) for k in range(args.flows)]
+def build_layers(args, dim, context=0):
+    return [GlowStep(dim=dim, hidden=args.hidden, index=k, context=context) for k in range(args.flows)]
 
 
 def build_parser():

@@ -16,8 +16,8 @@ from gravity_flows.command import flow, runner
 from gravity_flows.flows.layers import Planar
 
 
-def build_layers(args, dim):
-    return [Planar(dim=dim) for _ in range(args.flows)]
+def build_layers(args, dim, context=0):
+    return [Planar(dim=dim, context=context) for _ in range(args.flows)]
 
 
 def build_parser():
