@@ -323,15 +323,19 @@ def draw_with_weights(model, context, log_likelihood, log_prior, n, generator):
     return np.concatenate(thetas), np.concatenate(log_weights)
 
 
-def corrected_posterior(model, problem, n_samples, *, generator, rng, ess_target=None,
-                        first_draws=FIRST_DRAWS, max_draws=MAX_DRAWS):
-    """The importance-corrected posterior of one profile: ``n_samples`` draws and a report.
+def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, generator, rng, ess_target=None,
+                        first_draws=None, max_draws=None):
+    """The importance-corrected posterior of one profile ``data`` (N,): ``n_samples`` draws and a report.
 
-    Draws q(theta | d) in rounds, ``first_draws`` in the first: after each, the normalised ESS of the
-    Pareto-smoothed weights says how many draws the target ``ess_target`` (default: ``n_samples``, at
-    most :data:`ESS_TARGET`) needs, and that many more are drawn (at least doubling the pool, at most
-    up to ``max_draws``). Then ``n_samples`` are
-    resampled by the smoothed weights (``refine.importance_resample``).
+    ``log_likelihood`` is the profile's exact log-likelihood, a torch function of theta (n, dim) (for
+    a gravity profile ``forward.TorchLikelihood(problem)``, see :func:`corrected_profile_posterior`),
+    ``log_prior`` the log prior density on the box (a number).
+
+    Draws q(theta | d) in rounds, ``first_draws`` (default :data:`FIRST_DRAWS`) in the first: after
+    each, the normalised ESS of the Pareto-smoothed weights says how many draws the target
+    ``ess_target`` (default: ``n_samples``, at most :data:`ESS_TARGET`) needs, and that many more are
+    drawn (at least doubling the pool, up to ``max_draws``, default :data:`MAX_DRAWS`). Then
+    ``n_samples`` are resampled by the smoothed weights (``refine.importance_resample``).
 
     Returns ``(theta (n_samples, dim), q_draws (n_samples, dim), report)``: the corrected draws, the
     flow's own first draws, and a JSON-ready report with ``khat`` (of the raw weights), ``is_ess``
@@ -340,13 +344,11 @@ def corrected_posterior(model, problem, n_samples, *, generator, rng, ess_target
     ``trustworthy`` (k-hat <= 0.7 and ESS >= target) and ``warning`` (None, or one line).
     """
     ess_target = min(n_samples, ESS_TARGET) if ess_target is None else ess_target
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=dtype)
+    first_draws = FIRST_DRAWS if first_draws is None else first_draws
+    max_draws = MAX_DRAWS if max_draws is None else max_draws
     with torch.no_grad():
-        context = model.context(problem.g_obs)
-    pool_theta, pool_log_weights = draw_with_weights(model, context, log_likelihood, problem.log_prior_density,
-                                                     first_draws, generator)
+        context = model.context(data)
+    pool_theta, pool_log_weights = draw_with_weights(model, context, log_likelihood, log_prior, first_draws, generator)
     first_round = pool_log_weights
     while True:
         smoothed, _ = diagnostics.pareto_smoothed_log_weights(pool_log_weights)
@@ -356,7 +358,7 @@ def corrected_posterior(model, problem, n_samples, *, generator, rng, ess_target
             break
         wanted = int(math.ceil(1.1 * ess_target / max(fraction, 1e-12))) - size
         more = min(max(wanted, size), max_draws - size)
-        theta, log_weights = draw_with_weights(model, context, log_likelihood, problem.log_prior_density, more, generator)
+        theta, log_weights = draw_with_weights(model, context, log_likelihood, log_prior, more, generator)
         pool_theta = np.concatenate([pool_theta, theta])
         pool_log_weights = np.concatenate([pool_log_weights, log_weights])
     theta, info = refine.importance_resample(pool_theta, pool_log_weights, n_samples, rng)
@@ -382,6 +384,13 @@ def corrected_posterior(model, problem, n_samples, *, generator, rng, ess_target
         "this profile lies outside what the network learned (" + "; ".join(problems) + "): its corrected "
         "posterior cannot be trusted; run a per-profile fit for it")
     return theta, pool_theta[:n_samples], report
+
+
+def corrected_profile_posterior(model, problem, n_samples, **options):
+    """:func:`corrected_posterior` of a gravity profile (a :class:`forward.Problem`), with its exact likelihood."""
+    parameter = next(model.parameters())
+    log_likelihood = forward.TorchLikelihood(problem).to(device=parameter.device, dtype=parameter.dtype)
+    return corrected_posterior(model, problem.g_obs, log_likelihood, problem.log_prior_density, n_samples, **options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,7 +442,7 @@ def score_profile(model, problem, n_samples, *, generator, rng, reference=None):
     if reference is None:
         reference = compute_reference(problem, forward.laplace_approximation(problem))
     clock = convergence.Clock(lambda: None)
-    theta, q_draws, report = corrected_posterior(model, problem, n_samples, generator=generator, rng=rng)
+    theta, q_draws, report = corrected_profile_posterior(model, problem, n_samples, generator=generator, rng=rng)
     seconds = clock.seconds()
     corrected, alone = score(theta, reference), score(q_draws, reference)
     row = {
