@@ -25,7 +25,8 @@ def build_layers(args, dim, context=0):
 
 def build_parser():
     return flow.flow_parser(__doc__, "invertible_Affine", iterations={"laplace": 3000, "prior": 4000},
-                          flows={"laplace": 3, "prior": 5}, hidden=32, lr=0.005)
+                          flows={"laplace": 3, "prior": 5}, hidden=32, lr=0.005,
+                          amortized_defaults={"flows": 3})
 
 
 def main(argv=None):

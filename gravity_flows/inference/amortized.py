@@ -303,7 +303,7 @@ def train_amortized(model, simulator, *, iterations, simulations, lr, clip_norm=
 ESS_TARGET = 4000
 #: Draws of q in the first round, and the most drawn for one profile (then it is not trustworthy).
 FIRST_DRAWS = 8192
-MAX_DRAWS = 262_144
+MAX_DRAWS = 131_072
 #: Draws per pass of the flow, and per pass of the likelihood: the likelihood of 256 draws at 1000
 #: stations stays in the CPU's cache, and is ten times faster than that of 20000 at once (measured:
 #: 0.08 s against 0.80 s for 20000 draws); the flow is fastest a few thousand draws at a time.

@@ -37,18 +37,19 @@ def plot_amortized(path, rows, parameters, title="", error_goal=0.05, loss=None)
     """``amortized.png``: error against signal-to-noise, coverage of q alone, SBC ranks (module docstring).
 
     ``rows``: the scored test rows (``amortized.score_profile``: ``error``, ``vi.error``, ``snr``,
-    ``trustworthy``, ``q_cdf_at_truth``, ``sbc_rank``). ``loss``: the training loss per step, shown
-    as a small inset of the first panel when given. With no rows the figure says so.
+    ``trustworthy``, ``q_cdf_at_truth``, ``sbc_rank``). ``loss``: the training loss per step (its
+    own panel). With no rows the figure says so.
     """
     dim = len(parameters)
-    figure = plt.figure(figsize=(4.2 * max(dim, 3), 8.4))
-    grid = figure.add_gridspec(2, max(dim, 3) * 2, height_ratios=[1.25, 1], hspace=0.42, wspace=0.9)
-    errors_ax = figure.add_subplot(grid[0, :max(dim, 3)])
-    coverage_ax = figure.add_subplot(grid[0, max(dim, 3):])
-    rank_axes = [figure.add_subplot(grid[1, 2 * i * max(dim, 3) // dim:2 * (i + 1) * max(dim, 3) // dim]) for i in range(dim)]
+    figure = plt.figure(figsize=(17, 8.6))
+    grid = figure.add_gridspec(2, 12, height_ratios=[1.25, 1], hspace=0.42, wspace=1.4)
+    errors_ax = figure.add_subplot(grid[0, :5])
+    coverage_ax = figure.add_subplot(grid[0, 5:9])
+    loss_ax = figure.add_subplot(grid[0, 9:])
+    rank_axes = [figure.add_subplot(grid[1, 12 * i // dim:12 * (i + 1) // dim]) for i in range(dim)]
     figure.suptitle(_heading(title, f"{len(rows)} held-out simulated test profiles, each against its exact posterior"))
     if not rows:
-        for ax in [errors_ax, coverage_ax, *rank_axes]:
+        for ax in [errors_ax, coverage_ax, loss_ax, *rank_axes]:
             ax.text(0.5, 0.5, "no test profiles", ha="center", va="center", transform=ax.transAxes)
         output.save_figure(figure, path)
         return
@@ -102,15 +103,21 @@ def plot_amortized(path, rows, parameters, title="", error_goal=0.05, loss=None)
         if i == 0:
             ax.legend(fontsize=8, loc="upper right")
     if loss is not None and len(loss) > 1:
-        inset = errors_ax.inset_axes([0.70, 0.08, 0.28, 0.26])
         history = np.asarray(loss, dtype=float)
-        window = max(1, history.size // 50)
-        smooth = np.convolve(np.nan_to_num(history, nan=np.nanmean(history)), np.ones(window) / window, mode="valid")
-        inset.plot(np.arange(smooth.size) + window, smooth, color=SAMPLE_COLOUR, lw=1)
-        start = smooth[smooth.size // 10:] if smooth.size > 10 else smooth
-        inset.set_ylim(np.min(start) - 0.1 * np.ptp(start), np.max(start) + 0.1 * np.ptp(start))
-        inset.set_title("training: -log q per step", fontsize=7)
-        inset.tick_params(labelsize=6)
+        window = max(1, history.size // 100)
+        filled = np.where(np.isfinite(history), history, np.nanmean(history))
+        smooth = np.convolve(filled, np.ones(window) / window, mode="valid")
+        steps = np.arange(smooth.size) + window
+        loss_ax.plot(np.arange(1, history.size + 1), history, color=SAMPLE_COLOUR, lw=0.4, alpha=0.3)
+        loss_ax.plot(steps, smooth, color=SAMPLE_COLOUR, lw=1.5, label=f"running mean over {window} steps")
+        late = smooth[smooth.size // 10:] if smooth.size > 10 else smooth
+        loss_ax.set_ylim(np.min(late) - 0.1 * np.ptp(late) - 0.05, np.max(late) + 0.1 * np.ptp(late) + 0.05)
+        loss_ax.set_xlabel("training step (fresh simulations each)")
+        loss_ax.set_ylabel("-log q(θ | d), nats")
+        loss_ax.set_title("training loss (first 10 % off scale)", fontsize=10)
+        loss_ax.legend(fontsize=8)
+    else:
+        loss_ax.set_axis_off()
     output.save_figure(figure, path)
 
 
