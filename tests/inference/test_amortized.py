@@ -249,15 +249,67 @@ def test_a_model_file_refuses_what_it_was_not_made_for(tmp_path):
 def test_a_corrected_posterior_is_trustworthy_only_with_a_small_k_hat_and_enough_effective_draws(monkeypatch):
     """An untrained model of the gravity survey: its draws are far from any posterior, so the weights
     are degenerate, k-hat is large and the ESS target is missed: flagged, with the remedy named; the
-    draws stop at the cap."""
+    draws stop at the cap. (Without the adapted proposal: the flow's own draws only.)"""
     survey = small_survey()
     model = amortized.build_model(build_layers, OPTIONS, survey, seed=3)
     profile = amortized.simulated_profiles(survey, 1, seed=1)[0]
     theta, q_draws, report = amortized.corrected_profile_posterior(
         model, profile, 500, generator=torch.Generator().manual_seed(0), rng=np.random.default_rng(0),
-        first_draws=1000, max_draws=4000)
+        first_draws=1000, max_draws=4000, adapt=False)
     assert theta.shape == (500, 3) and q_draws.shape == (500, 3)
     assert report["draws"] == 4000 and not report["trustworthy"]
     assert "outside what the network learned" in report["warning"] and "per-profile fit" in report["warning"]
     assert report["ess"] < report["ess_target"] == 500
     assert np.all(profile.inside(theta))
+
+
+def test_the_defensive_mixture_weights_use_its_exact_density(linear_gaussian_flow):
+    """log r of the mixture's draws, recomputed independently: a q(theta | d) + (1 - a) t(u) |du/dtheta|
+    with scipy's multivariate t; its draws are round(a n) from the flow and the rest from the t."""
+    problem, model = linear_gaussian_flow
+    _, data = problem(1, torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        context = model.context(data[0])
+    location, scale_tril = np.array([0.3, -0.2]), np.array([[0.4, 0.0], [0.1, 0.3]])
+    mixture = amortized.DefensiveMixture(model, context, lambda theta: theta.new_zeros(len(theta)), 0.0, location,
+                                         scale_tril)
+    theta, log_weights = mixture.draw(3000, torch.Generator().manual_seed(22))
+    assert np.all(np.abs(theta) < LG_HALF_WIDTH)
+    theta_t = torch.as_tensor(theta)
+    with torch.no_grad():
+        log_q = model.log_prob(theta_t, context).numpy()
+        u, log_du_dtheta = model.box.inverse(theta_t)
+    t = stats.multivariate_t(loc=location, shape=scale_tril @ scale_tril.T, df=amortized.T_DEGREES)
+    share = amortized.DEFENSIVE_SHARE
+    expected = np.logaddexp(np.log(share) + log_q, np.log1p(-share) + t.logpdf(u.numpy()) + log_du_dtheta.numpy())
+    np.testing.assert_allclose(-log_weights, expected, rtol=1e-9, atol=1e-9)
+    # the first round(a n) draws are the flow's: the t's draws spread about its location in u
+    n_flow = int(round(share * 3000))
+    from_t = u.numpy()[n_flow:]
+    assert np.allclose(np.median(from_t, axis=0), location, atol=0.05)
+
+
+def test_an_adapted_proposal_rescues_a_flow_that_covers_the_posterior_too_widely(linear_gaussian_flow):
+    """A flow of the LG problem applied to data far sharper than it learned (the likelihood of 100
+    times more observations): its own draws give a small ESS; the adapted mixture reaches the target
+    with a small k-hat, and the corrected mean is the closed form's."""
+    problem, model = linear_gaussian_flow
+    truth = torch.tensor([[0.4, -0.3]], dtype=torch.float64)
+    repeats = 100
+    generator = torch.Generator().manual_seed(23)
+    data = torch.stack([problem.observe(truth, generator)[0] for _ in range(repeats)])
+    mean_data = data.mean(0)
+
+    def log_likelihood(theta):
+        return repeats * problem.log_likelihood(mean_data)(theta)  # up to a constant in theta
+
+    exact_mean = problem.posterior_mean(mean_data).numpy()
+    exact_sd = (problem.covariance.diagonal() / repeats).sqrt().numpy()
+    plain = amortized.corrected_posterior(model, mean_data, log_likelihood, 0.0, 4000, generator=torch.Generator().manual_seed(24),
+                                          rng=np.random.default_rng(0), max_draws=8192, adapt=False)[2]
+    theta, _, report = amortized.corrected_posterior(model, mean_data, log_likelihood, 0.0, 4000,
+                                                     generator=torch.Generator().manual_seed(24),
+                                                     rng=np.random.default_rng(0), max_draws=8192)
+    assert plain["ess"] < 0.25 * report["ess"]
+    assert report["proposal"].startswith("flow + t") and report["trustworthy"], report
+    assert np.all(np.abs(theta.mean(0) - exact_mean) < 0.1 * exact_sd)
