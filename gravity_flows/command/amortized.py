@@ -17,6 +17,7 @@ import argparse
 import csv
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from gravity_flows.reporting.figures.amortized import plot_amortized, plot_surve
 from gravity_flows.scoring.reference import compute_reference, score
 
 #: The options this module adds, removed from a per-profile run's settings so that its summary is unchanged.
-OPTIONS = ("amortize", "model", "test_profiles", "simulations", "no_figures")
+OPTIONS = ("amortize", "model", "test_profiles", "simulations", "no_figures", "proposal")
 #: Files of an amortized result beyond a run's (output.RESULT_FILES): an earlier run's are removed first.
 AMORTIZED_FILES = ("model.pt", "amortized.png", "survey.csv", "survey.md", "survey.png")
 #: The test profiles' draws come from the seed plus this (training's simulations use the seed itself).
@@ -72,6 +73,10 @@ def add_options(parser, defaults):
                             "(default: %(default)s)")
     group.add_argument("--simulations", type=cli.positive_int, default=256, metavar="N",
                        help="with --amortize: fresh simulated profiles per training step (default: %(default)s)")
+    group.add_argument("--proposal", choices=("adaptive", "flow"), default="adaptive",
+                       help="importance proposal of each profile: flow = the flow's own draws (DINGO-IS); adaptive = "
+                            "the same, and where their effective sample size falls short, a defensive mixture of the "
+                            "flow and a Student-t fitted to the weighted draws (default: %(default)s)")
     group.add_argument("--no-figures", action="store_true",
                        help="with --model: no per-profile figures (the survey table and figure are always written)")
 
@@ -137,6 +142,7 @@ def train_run(args, build_layers, device):
         n_parameters = int(sum(p.numel() for p in model.parameters()))
         print(f"amortize: {args.iterations} steps x {args.simulations} fresh simulations of a survey of "
               f"{survey.n_stations} stations, {survey.dim} unknowns; {n_parameters} weights", file=sys.stderr)
+        cpu_start = time.process_time()  # the process's own CPU time: on a busy machine, what an idle one would take
         with cli.interruptible("training") as stop:
             try:
                 history, train_seconds, skipped = amortized.train_amortized(
@@ -146,7 +152,7 @@ def train_run(args, build_layers, device):
                 return cli.fail_without_results(out, f"{error}; try a smaller --lr (now {args.lr:g}) or --clip-norm 10")
         training = {"iterations": int(history.size), "simulations_per_step": args.simulations,
                     "simulations": int(history.size) * args.simulations, "skipped_steps": skipped,
-                    "train_time_s": train_seconds, "lr": args.lr, "seed": args.seed,
+                    "train_time_s": train_seconds, "train_cpu_s": time.process_time() - cpu_start, "lr": args.lr, "seed": args.seed,
                     "final_loss": float(np.nanmean(history[-min(500, history.size):])), "device": str(device),
                     "interrupted": bool(stop.interrupted)}
         record = model_file.model_record(model, method=args.method, flow=options, survey=survey, training=training,
@@ -194,7 +200,7 @@ def score_test_set(model, survey, args):
                 continue
             reference = compute_reference(problem, laplace)
             _, _, row = amortized.score_profile(model, problem, args.samples, generator=generator, rng=rng,
-                                                reference=reference)
+                                                reference=reference, adapt=args.proposal == "adaptive")
             rows.append({"profile": index, **row})
             if stop.interrupted:
                 break
@@ -206,7 +212,7 @@ def _test_report(method, results):
     if not test.get("profiles"):
         return f"{method} amortized: trained {results['iterations']} steps in {results['train_time_s']:.0f} s; no test profiles"
     return (f"{method} amortized: {results['iterations']} steps x {results['simulations_per_step']} simulations in "
-            f"{results['train_time_s']:.0f} s\n"
+            f"{results['train_time_s']:.0f} s ({results['train_cpu_s']:.0f} s of CPU)\n"
             f"  {test['profiles']} held-out test profiles: corrected error median {test['median_error']:.4f}, "
             f"90th percentile {test['p90_error']:.4f}, {100 * test[f'share_error_le_{ERROR_GOAL}']:.0f} % <= {ERROR_GOAL}; "
             f"k-hat <= 0.7 on {100 * test['share_khat_le_0.7']:.0f} %, trustworthy {100 * test['share_trustworthy']:.0f} %, "
@@ -271,12 +277,12 @@ def apply_run(args, build_layers, device):
                 laplace = forward.laplace_approximation(problem)
                 reference = compute_reference(problem, laplace)
                 theta, _, row = amortized.score_profile(model, problem, args.samples, generator=generator, rng=rng,
-                                                        reference=reference)
+                                                        reference=reference, adapt=args.proposal == "adaptive")
             row["posterior_time_s"] += read_seconds  # from the profile read to the corrected draws
             results = {"mode": "model", "model": {"path": str(Path(args.model).resolve()), "method": record["method"],
                                                   "training": record["training"], "versions": record["versions"]},
-                       **{key: row[key] for key in ("vi", "khat", "is_ess", "ess", "draws", "distinct", "trustworthy",
-                                                    "warning", "posterior_time_s")}}
+                       **{key: row[key] for key in ("vi", "khat", "is_ess", "ess", "draws", "distinct", "proposal",
+                                                    "trustworthy", "warning", "posterior_time_s")}}
             summary = write_profile(folder, args, problem, reference, theta, results, profile_clock.seconds + read_seconds)
             rows.append({"file": str(path), "name": Path(path).stem, **row, "error": summary["error"],
                          "reference_mean": summary["reference"]["mean"], "reference_sd": summary["reference"]["sd"]})

@@ -313,3 +313,28 @@ def test_an_adapted_proposal_rescues_a_flow_that_covers_the_posterior_too_widely
     assert plain["ess"] < 0.25 * report["ess"]
     assert report["proposal"].startswith("flow + t") and report["trustworthy"], report
     assert np.all(np.abs(theta.mean(0) - exact_mean) < 0.1 * exact_sd)
+
+
+def test_a_conditioned_posterior_is_a_flow_posterior_that_vi_can_refine(linear_gaussian_flow):
+    """The amortized q of one observation, context fixed, trained further by the per-profile ELBO
+    (``vi.train``, as ``--init amortized`` will): same draws as the conditional flow before, a
+    gradient for its flow but none for its summary network, and no lower an ELBO after 100 steps."""
+    import copy
+
+    from gravity_flows.inference import vi
+
+    problem, model = linear_gaussian_flow
+    _, data = problem(1, torch.Generator().manual_seed(31))
+    conditioned = amortized.ConditionedPosterior(copy.deepcopy(model), data[0])
+    with torch.no_grad():
+        expected = model.sample(50, model.context(data[0]), torch.Generator().manual_seed(1))[0]
+        torch.testing.assert_close(conditioned.sample(50, torch.Generator().manual_seed(1))[0], expected)
+    log_likelihood = problem.log_likelihood(data[0])
+    log_prior = -LG_DIM * math.log(2 * LG_HALF_WIDTH)
+    before = vi.evaluate(conditioned, log_likelihood, log_prior, 4000, torch.Generator().manual_seed(2))[1].mean()
+    summary_before = [p.clone() for p in conditioned.posterior.summary.parameters()]
+    vi.train(conditioned, log_likelihood, log_prior, iterations=100, batch=64, lr=1e-3,
+             generator=torch.Generator().manual_seed(3), progress=False)
+    after = vi.evaluate(conditioned, log_likelihood, log_prior, 4000, torch.Generator().manual_seed(2))[1].mean()
+    assert after > before - 0.01
+    assert all(torch.equal(a, b) for a, b in zip(summary_before, conditioned.posterior.summary.parameters()))
