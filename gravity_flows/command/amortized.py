@@ -239,6 +239,11 @@ def load_model(args, build_layers, device):
     except RuntimeError:
         raise forward.DataError(f"{path}: its weights do not fit Gravity_{args.method}.py's flow with the options it "
                                 "records (made by another version?): train it again with --amortize") from None
+    made_with = {name: version for name, version in record["versions"].items()
+                 if name in ("torch", "numpy") and version != report.versions()[name]}
+    if made_with:  # the weights load on any version and device (plain tensors); say what differs, in one line
+        print(f"warning: {path} was made with " + ", ".join(f"{name} {version}" for name, version in made_with.items())
+              + "; this is " + ", ".join(f"{name} {report.versions()[name]}" for name in made_with), file=sys.stderr)
     return record, model.to(device=device, dtype=torch.float64)
 
 
@@ -348,6 +353,7 @@ def survey_columns(parameters):
                     (f"{p.name}_sd", f"{p.name} sd ({p.unit})", f"{{:.{digits}f}}")]
     return columns + [("error", "error (max W1/sd)", "{:.4f}"), ("vi_error", "flow alone", "{:.3f}"),
                       ("khat", "k-hat", "{:.2f}"), ("ess", "ESS", "{:.0f}"), ("draws", "draws", "{}"),
+                      ("proposal", "proposal", "{}"),
                       ("trustworthy", "trustworthy", "{}"), ("posterior_time_s", "time (s)", "{:.3f}"),
                       ("file", "file", "{}")]
 
@@ -357,7 +363,7 @@ def write_survey(out, rows, parameters, method):
     table = []
     for row in rows:
         entry = {"name": row["name"], "file": row["file"], "error": row["error"], "vi_error": row["vi"]["error"],
-                 "khat": row["khat"], "ess": row["ess"], "draws": row["draws"],
+                 "khat": row["khat"], "ess": row["ess"], "draws": row["draws"], "proposal": row["proposal"],
                  "trustworthy": "yes" if row["trustworthy"] else "NO", "posterior_time_s": row["posterior_time_s"]}
         for i, p in enumerate(parameters):
             entry[f"{p.name}_mean"], entry[f"{p.name}_sd"] = row["mean"][i], row["sd"][i]

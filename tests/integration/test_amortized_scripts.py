@@ -84,7 +84,8 @@ def test_a_model_applied_to_a_survey_writes_each_profile_and_the_survey(trained,
     model_folder, profiles = trained
     out = tmp_path / "survey"
     status, stdout, stderr = run_script(SCRIPT, ["--model", model_folder / "model.pt", "--data", *profiles[:2],
-                                                 "--out", out, "--samples", "300", "--quiet", "--no-figures"],
+                                                 "--out", out, "--samples", "300", "--quiet", "--no-figures",
+                                                 "--proposal", "flow"],
                                         monkeypatch, capsys)
     assert status == 0, stderr
     assert {"line0", "line1", "survey.csv", "survey.md", "survey.png"} <= {path.name for path in out.iterdir()}
@@ -93,7 +94,8 @@ def test_a_model_applied_to_a_survey_writes_each_profile_and_the_survey(trained,
     for key in ("error", "vi", "khat", "trustworthy", "posterior_time_s", "posterior", "reference"):
         assert key in summary
     assert set(summary["vi"]) >= {"error", "khat", "is_ess"}
-    assert not summary["trustworthy"] and "per-profile fit" in stderr  # 30 steps: a flow that learned nothing yet
+    # 30 steps: a flow that learned nothing yet, and its own draws only (--proposal flow): flagged
+    assert not summary["trustworthy"] and summary["proposal"] == "flow" and "per-profile fit" in stderr
     table = (out / "survey.md").read_text()
     assert "| line0 |" in table and "| line1 |" in table and "not trustworthy" in table
     assert len((out / "survey.csv").read_text().splitlines()) == 3
