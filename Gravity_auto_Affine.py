@@ -17,12 +17,14 @@ from gravity_flows.command import flow, runner
 from gravity_flows.flows.autoregressive import AutoregressiveAffine, layer_orders
 
 
-def build_layers(args, dim):
-    return [AutoregressiveAffine(dim=dim, hidden=args.hidden, order=order) for order in layer_orders(dim, args.flows)]
+def build_layers(args, dim, context=0):
+    return [AutoregressiveAffine(dim=dim, hidden=args.hidden, order=order, context=context)
+            for order in layer_orders(dim, args.flows)]
 
 
 def build_parser():
-    return flow.flow_parser(__doc__, "auto_Affine", iterations={"laplace": 3000, "prior": 4000}, flows=4, hidden=32, lr=0.005)
+    return flow.flow_parser(__doc__, "auto_Affine", iterations={"laplace": 3000, "prior": 4000}, flows=4, hidden=32, lr=0.005,
+                          amortized_defaults={"flows": 4})
 
 
 def main(argv=None):

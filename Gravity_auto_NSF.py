@@ -16,15 +16,17 @@ from gravity_flows.command import flow, runner
 from gravity_flows.flows.autoregressive import AutoregressiveSpline, layer_orders
 
 
-def build_layers(args, dim):
+def build_layers(args, dim, context=0):
     return [
-        AutoregressiveSpline(dim=dim, hidden=args.hidden, order=order, bins=args.bins, tail_bound=args.tail_bound)
+        AutoregressiveSpline(dim=dim, hidden=args.hidden, order=order, bins=args.bins, tail_bound=args.tail_bound,
+                             context=context)
         for order in layer_orders(dim, args.flows)
     ]
 
 
 def build_parser():
-    return flow.flow_parser(__doc__, "auto_NSF", iterations={"laplace": 2000, "prior": 4000}, flows=3, hidden=32, lr=0.005, spline=True)
+    return flow.flow_parser(__doc__, "auto_NSF", iterations={"laplace": 2000, "prior": 4000}, flows=3, hidden=32, lr=0.005, spline=True,
+                          amortized_defaults={"flows": 3})
 
 
 def main(argv=None):

@@ -17,12 +17,14 @@ from gravity_flows.command import flow, runner
 from gravity_flows.flows.layers import AffineCoupling, coupling_mask
 
 
-def build_layers(args, dim):
-    return [AffineCoupling(dim=dim, transformed=coupling_mask(dim, k), hidden=args.hidden) for k in range(args.flows)]
+def build_layers(args, dim, context=0):
+    return [AffineCoupling(dim=dim, transformed=coupling_mask(dim, k), hidden=args.hidden, context=context)
+            for k in range(args.flows)]
 
 
 def build_parser():
-    return flow.flow_parser(__doc__, "coupling_Affine", iterations={"laplace": 3000, "prior": 4000}, flows=4, hidden=32, lr=0.005)
+    return flow.flow_parser(__doc__, "coupling_Affine", iterations={"laplace": 3000, "prior": 4000}, flows=4, hidden=32, lr=0.005,
+                          amortized_defaults={"flows": 4})
 
 
 def main(argv=None):

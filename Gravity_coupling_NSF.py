@@ -18,15 +18,17 @@ from gravity_flows.flows.layers import coupling_mask
 from gravity_flows.flows.splines import SplineCoupling
 
 
-def build_layers(args, dim):
+def build_layers(args, dim, context=0):
     return [
-        SplineCoupling(dim=dim, transformed=coupling_mask(dim, k), hidden=args.hidden, bins=args.bins, tail_bound=args.tail_bound)
+        SplineCoupling(dim=dim, transformed=coupling_mask(dim, k), hidden=args.hidden, bins=args.bins, tail_bound=args.tail_bound,
+                       context=context)
         for k in range(args.flows)
     ]
 
 
 def build_parser():
-    return flow.flow_parser(__doc__, "coupling_NSF", iterations={"laplace": 2000, "prior": 4000}, flows=3, hidden=32, lr=0.005, spline=True)
+    return flow.flow_parser(__doc__, "coupling_NSF", iterations={"laplace": 2000, "prior": 4000}, flows=3, hidden=32, lr=0.005, spline=True,
+                          amortized_defaults={"flows": 3})
 
 
 def main(argv=None):

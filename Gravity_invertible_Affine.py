@@ -19,13 +19,14 @@ from gravity_flows.command import flow, runner
 from gravity_flows.flows.layers import GlowStep
 
 
-def build_layers(args, dim):
-    return [GlowStep(dim=dim, hidden=args.hidden, index=k) for k in range(args.flows)]
+def build_layers(args, dim, context=0):
+    return [GlowStep(dim=dim, hidden=args.hidden, index=k, context=context) for k in range(args.flows)]
 
 
 def build_parser():
     return flow.flow_parser(__doc__, "invertible_Affine", iterations={"laplace": 3000, "prior": 4000},
-                          flows={"laplace": 3, "prior": 5}, hidden=32, lr=0.005)
+                          flows={"laplace": 3, "prior": 5}, hidden=32, lr=0.005,
+                          amortized_defaults={"flows": 3})
 
 
 def main(argv=None):

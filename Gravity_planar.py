@@ -16,13 +16,14 @@ from gravity_flows.command import flow, runner
 from gravity_flows.flows.layers import Planar
 
 
-def build_layers(args, dim):
-    return [Planar(dim=dim) for _ in range(args.flows)]
+def build_layers(args, dim, context=0):
+    return [Planar(dim=dim, context=context) for _ in range(args.flows)]
 
 
 def build_parser():
     return flow.flow_parser(__doc__, "planar", iterations={"laplace": 3000, "prior": 4000},
-                               flows={"laplace": 8, "prior": 16}, hidden=None, lr=0.01)
+                               flows={"laplace": 8, "prior": 16}, hidden=None, lr=0.01,
+                          amortized_defaults={"flows": 8})
 
 
 def main(argv=None):

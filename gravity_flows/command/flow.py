@@ -2,7 +2,8 @@
 
 A flow script names its layers (``build_layers``) and its defaults (``flow_parser``); everything
 else a run does — data, exact reference, start, training, evaluation, refinement, figures and
-``summary.json`` — is :func:`run_flow_method`, the same for all six.
+``summary.json`` — is :func:`run_flow_method`, the same for all six. With ``--amortize`` or
+``--model`` the run is an amortized one instead (:mod:`gravity_flows.command.amortized`).
 """
 
 import argparse
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 import forward
-from gravity_flows.command import cli
+from gravity_flows.command import amortized, cli
 from gravity_flows.flows import splines
 from gravity_flows.inference import refine
 from gravity_flows.inference.start import choose_start
@@ -34,11 +35,17 @@ def _by_start(value):
     return value if isinstance(value, dict) else {"laplace": value, "prior": value}
 
 
-def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=False):
+#: The defaults of an amortized run (``--amortize``) unless a script gives its own (see amortized.py).
+AMORTIZED_DEFAULTS = {"iterations": 10_000, "flows": 3, "lr": 1e-3}
+
+
+def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=False, amortized_defaults=None):
     """The common options plus the flow options, with this method's defaults (``hidden=None``: no conditioner).
 
     ``iterations``, ``flows`` and ``lr`` are numbers or ``{"laplace": .., "prior": ..}``: the default
     then depends on the start that ``--init`` (or ``auto``) chooses; :func:`resolve_defaults` fills them in.
+    ``amortized_defaults``: this method's ``{"iterations", "flows", "lr"}`` with ``--amortize``
+    (default :data:`AMORTIZED_DEFAULTS`).
     """
     parser = cli.common_parser(doc, method, default_samples=10_000)
     iterations, flows, lr = _by_start(iterations), _by_start(flows), _by_start(lr)
@@ -82,6 +89,7 @@ def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=Fal
                        help="after training, correct the flow's draws towards the posterior: importance = Pareto-smoothed "
                             "importance resampling, mh = independence Metropolis-Hastings with the flow as proposal "
                             "(default: %(default)s)")
+    amortized.add_options(parser, {**AMORTIZED_DEFAULTS, **(amortized_defaults or {})})
     return parser
 
 
@@ -133,7 +141,14 @@ def build_flow(args, build_layers, laplace, problem, device, init):
 
 
 def run_flow_method(args, build_layers):
-    """Everything a flow script does after parsing: data, reference, start, training, evaluation, refinement, outputs."""
+    """Everything a flow script does after parsing: data, reference, start, training, evaluation, refinement, outputs.
+
+    With ``--amortize`` or ``--model``: the amortized run instead (:mod:`gravity_flows.command.amortized`)."""
+    if amortized.wanted(args):
+        device = device_for(args.device)
+        if args.amortize:
+            return amortized.train_run(args, build_layers, device)
+        return amortized.apply_run(args, build_layers, device)
     with cli.Timer() as total:
         device = device_for(args.device)
         # the setup a user pays for (data, MAP/Laplace, the start's choice), not the exact reference that judges the run

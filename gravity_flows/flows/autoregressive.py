@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gravity_flows.flows.layers import affine_from_params
+from gravity_flows.flows.layers import affine_from_params, with_context
 from gravity_flows.flows.splines import DEFAULT_BINS, DEFAULT_TAIL_BOUND, spline_from_params, spline_param_count
 
 
@@ -64,27 +64,41 @@ class MADE(nn.Module):
 
     Two hidden layers of ``hidden`` tanh units (as ``layers.conditioner``); the masks are buffers
     multiplied into the weights; the last layer is zeroed, so the outputs start at 0.
-    ``forward(x)`` maps (batch, dim) to (batch, dim, n_params_per_feature). ``order`` defaults to
-    the identity.
+    ``forward(x, context=None)`` maps (batch, dim) to (batch, dim, n_params_per_feature). ``order``
+    defaults to the identity.
+
+    ``context=C`` (a conditional MADE, as zuko builds it): C more inputs of degree 0, connected to
+    every unit of the first hidden layer, never directly to an output; and the hidden degrees cycle
+    through 0 .. dim - 1 instead, the units of degree 0 seeing the context alone. Every output then
+    depends on the context — the first feature's too, through the degree-0 units (with degrees from 1,
+    as in nflows, its parameters would be biases, the same for every context) — while
+    d output_i / d input_j is still zero unless j precedes i: the autoregressive masks stay exact.
     """
 
-    def __init__(self, dim, hidden, n_params_per_feature, order=None):
+    def __init__(self, dim, hidden, n_params_per_feature, order=None, context=0):
         super().__init__()
         order = _check_order(order, dim)
-        if dim > 1 and hidden < dim - 1:
-            raise ValueError(f"MADE needs at least dim - 1 = {dim - 1} hidden units, got {hidden}")
+        if dim > 1 and hidden < dim - 1 + (context > 0):
+            raise ValueError(f"MADE needs at least {dim - 1 + (context > 0)} hidden units, got {hidden}")
         self.dim = dim
         self.n_params_per_feature = n_params_per_feature
         self.order = order
+        self.context_size = context
 
         input_degree = torch.empty(dim, dtype=torch.long)
         input_degree[torch.tensor(order)] = torch.arange(1, dim + 1)
-        hidden_degree = torch.arange(hidden) % max(dim - 1, 1) + 1
+        if context:
+            hidden_degree = torch.arange(hidden) % dim  # degree 0: the units that see only the context
+        else:
+            hidden_degree = torch.arange(hidden) % max(dim - 1, 1) + 1
         # Output unit i * n_params + p is parameter p of feature i.
         output_degree = input_degree.repeat_interleave(n_params_per_feature)
 
+        first_mask = hidden_degree[:, None] >= input_degree[None, :]
+        if context:  # the context's inputs have degree 0: every hidden unit sees them
+            first_mask = torch.cat([first_mask, torch.ones(hidden, context, dtype=torch.bool)], dim=1)
         self.network = nn.Sequential(
-            MaskedLinear(dim, hidden, hidden_degree[:, None] >= input_degree[None, :]),
+            MaskedLinear(dim + context, hidden, first_mask),
             nn.Tanh(),
             MaskedLinear(hidden, hidden, hidden_degree[:, None] >= hidden_degree[None, :]),
             nn.Tanh(),
@@ -93,8 +107,8 @@ class MADE(nn.Module):
         nn.init.zeros_(self.network[-1].weight)
         nn.init.zeros_(self.network[-1].bias)
 
-    def forward(self, x):
-        return self.network(x).reshape(x.shape[0], self.dim, self.n_params_per_feature)
+    def forward(self, x, context=None):
+        return self.network(with_context(x, context, self.context_size)).reshape(x.shape[0], self.dim, self.n_params_per_feature)
 
 
 class AutoregressiveAffine(nn.Module):
@@ -105,22 +119,23 @@ class AutoregressiveAffine(nn.Module):
         log|det dy/du| = sum_i s_i.
     inverse (parameters -> base), ``dim`` sequential passes: after pass p the first p features in
     ``order`` are exact, since s_i, t_i depend only on earlier features; log|det du/dy| = -sum_i s_i.
-    Identity at initialisation (the MADE's last layer is zero, so s = t = 0).
+    Identity at initialisation (the MADE's last layer is zero, so s = t = 0). ``context=C``: a
+    conditional MADE, (s, t) = MADE(u, c).
     """
 
-    def __init__(self, dim=3, hidden=32, order=None):
+    def __init__(self, dim=3, hidden=32, order=None, context=0):
         super().__init__()
         self.dim = dim
-        self.made = MADE(dim, hidden, 2, order)
+        self.made = MADE(dim, hidden, 2, order, context=context)
 
-    def forward(self, u):
-        y, logabsdet = affine_from_params(u, self.made(u))
+    def forward(self, u, context=None):
+        y, logabsdet = affine_from_params(u, self.made(u, context))
         return y, logabsdet.sum(-1)
 
-    def inverse(self, y):
+    def inverse(self, y, context=None):
         u = torch.zeros_like(y)
         for _ in range(self.dim):
-            u, logabsdet = affine_from_params(y, self.made(u), inverse=True)
+            u, logabsdet = affine_from_params(y, self.made(u, context), inverse=True)
         return u, logabsdet.sum(-1)
 
 
@@ -133,20 +148,21 @@ class AutoregressiveSpline(nn.Module):
     with RQS the monotone rational-quadratic spline of ``splines.rational_quadratic_spline``
     (K bins on [-B, B], identity tails). The inverse takes ``dim`` sequential passes, as for
     ``AutoregressiveAffine``. Identity at initialisation (zero raw parameters give the identity spline).
+    ``context=C``: a conditional MADE, theta = MADE(u, c).
     """
 
-    def __init__(self, dim=3, hidden=32, order=None, bins=DEFAULT_BINS, tail_bound=DEFAULT_TAIL_BOUND):
+    def __init__(self, dim=3, hidden=32, order=None, bins=DEFAULT_BINS, tail_bound=DEFAULT_TAIL_BOUND, context=0):
         super().__init__()
         self.dim = dim
         self.tail_bound = tail_bound
-        self.made = MADE(dim, hidden, spline_param_count(bins), order)
+        self.made = MADE(dim, hidden, spline_param_count(bins), order, context=context)
 
-    def forward(self, u):
-        y, logabsdet = spline_from_params(u, self.made(u), inverse=False, tail_bound=self.tail_bound)
+    def forward(self, u, context=None):
+        y, logabsdet = spline_from_params(u, self.made(u, context), inverse=False, tail_bound=self.tail_bound)
         return y, logabsdet.sum(-1)
 
-    def inverse(self, y):
+    def inverse(self, y, context=None):
         u = torch.zeros_like(y)
         for _ in range(self.dim):
-            u, logabsdet = spline_from_params(y, self.made(u), inverse=True, tail_bound=self.tail_bound)
+            u, logabsdet = spline_from_params(y, self.made(u, context), inverse=True, tail_bound=self.tail_bound)
         return u, logabsdet.sum(-1)

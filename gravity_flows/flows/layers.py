@@ -2,12 +2,24 @@
 
 Every layer is a ``torch.nn.Module`` on ``(batch, 3)`` tensors with one interface:
 
-* ``forward(u) -> (y, logabsdet)`` — the sampling direction, base -> parameters;
-* ``inverse(y) -> (u, logabsdet)`` — where an inverse exists (planar layers have none in closed form).
+* ``forward(u, context=None) -> (y, logabsdet)`` — the sampling direction, base -> parameters;
+* ``inverse(y, context=None) -> (u, logabsdet)`` — where an inverse exists (planar layers have none
+  in closed form; :meth:`Planar.numerical_inverse` finds it by a one-dimensional root).
 
 ``logabsdet`` has shape ``(batch,)``: log |det dy/du| for ``forward``, log |det du/dy| for ``inverse``.
 Every layer is exactly the identity at initialisation (the last layer of each conditioner is zeroed),
 so a flow starts from its base distribution and training refines it.
+
+Conditional layers (STYLE lesson 12). A layer made with ``context=C > 0`` is the same class with a
+context: a vector c of C numbers (a learned summary of the observed profile, for an amortized
+posterior q(theta | d)) that enters its conditioner as extra inputs, so that the map is a different
+bijection of u for every c, with the same log-determinant formula (c is not transformed, so the
+Jacobian with respect to u keeps its structure). ``context`` is then (batch, C), one row per input
+row, or (C,) / (1, C), one context for every row. With ``context=0`` (the default) a layer takes no
+context and creates exactly the parameters, in the same order and shapes, that it did before
+contexts existed, so an unconditional flow's results for a seed are unchanged. ActNorm and the LU
+map stay unconditional (as in the conditional Glow of InvertibleNetworks.jl); they accept and ignore
+a context so that a sequence can pass it to every layer.
 
 Papers:
 
@@ -44,10 +56,13 @@ def affine_from_params(x, params, inverse=False):
     return x * torch.exp(log_scale) + shift, log_scale
 
 
-def conditioner(n_inputs, n_outputs, hidden):
-    """A small MLP whose last layer is zeroed, so the layer it conditions starts as the identity."""
+def conditioner(n_inputs, n_outputs, hidden, context=0):
+    """A small MLP whose last layer is zeroed, so the layer it conditions starts as the identity.
+
+    ``context`` extra inputs (a conditional layer's context, appended to the inputs by
+    :func:`with_context`) widen the first layer only."""
     network = nn.Sequential(
-        nn.Linear(n_inputs, hidden),
+        nn.Linear(n_inputs + context, hidden),
         nn.Tanh(),
         nn.Linear(hidden, hidden),
         nn.Tanh(),
@@ -56,6 +71,31 @@ def conditioner(n_inputs, n_outputs, hidden):
     nn.init.zeros_(network[-1].weight)
     nn.init.zeros_(network[-1].bias)
     return network
+
+
+def check_context(context, size, rows):
+    """The context of a layer made with ``context=size``, as (rows, size) (a broadcast view for one context).
+
+    ``size`` 0: the layer is unconditional and ``context`` must be None. Otherwise ``context`` must be
+    (rows, size), (1, size) or (size,). ValueError for anything else: a conditional layer never
+    silently runs without its context."""
+    if size == 0:
+        if context is not None:
+            raise ValueError("this layer was made without a context (context=0) and cannot take one")
+        return None
+    if context is None:
+        raise ValueError(f"this layer was made with a context of {size} numbers: pass context=")
+    if context.dim() == 1:
+        context = context[None]
+    if context.dim() != 2 or context.shape[1] != size or context.shape[0] not in (1, rows):
+        raise ValueError(f"context must be ({rows}, {size}), (1, {size}) or ({size},), got {tuple(context.shape)}")
+    return context.expand(rows, size)
+
+
+def with_context(inputs, context, size):
+    """The conditioner's input: ``inputs`` (batch, n), with the checked context appended when ``size`` > 0."""
+    context = check_context(context, size, inputs.shape[0])
+    return inputs if context is None else torch.cat([inputs, context.to(inputs.dtype)], dim=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,14 +151,16 @@ class Coupling(nn.Module):
 
         log|det dy/dx| = sum_{i in B} log|d tau_i / d x_i|.
 
-    The inverse reuses theta(y_A) = theta(x_A) and tau's inverse. Subclasses implement
+    The inverse reuses theta(y_A) = theta(x_A) and tau's inverse. Made with ``context=C``, the
+    conditioner is theta(x_A, c): the context joins x_A as input, the Jacobian stays block-triangular
+    and the log-determinant keeps its form. Subclasses implement
     ``_elementwise(x_transformed, params, inverse) -> (y_transformed, logabsdet)`` where ``params`` has
     shape ``(batch, len(B), n_params_per_feature)`` and ``logabsdet`` is either element-wise,
     ``(batch, len(B))``, or already summed, ``(batch,)``; ``tau`` must be the identity when
     ``params`` is zero, so that the layer starts as the identity.
     """
 
-    def __init__(self, dim, transformed, hidden, n_params_per_feature):
+    def __init__(self, dim, transformed, hidden, n_params_per_feature, context=0):
         super().__init__()
         transformed = sorted(set(int(feature) for feature in transformed))
         if not transformed or transformed[0] < 0 or transformed[-1] >= dim or len(transformed) == dim:
@@ -128,26 +170,28 @@ class Coupling(nn.Module):
         self.n_params_per_feature = n_params_per_feature
         self.register_buffer("identity_index", torch.tensor(identity, dtype=torch.long))
         self.register_buffer("transformed_index", torch.tensor(transformed, dtype=torch.long))
-        self.conditioner = conditioner(len(identity), len(transformed) * n_params_per_feature, hidden)
+        self.context_size = context
+        self.conditioner = conditioner(len(identity), len(transformed) * n_params_per_feature, hidden, context)
 
     def _elementwise(self, x_transformed, params, inverse):
         raise NotImplementedError
 
-    def _couple(self, x, inverse):
+    def _couple(self, x, inverse, context):
         x_identity = x.index_select(1, self.identity_index)
         x_transformed = x.index_select(1, self.transformed_index)
-        params = self.conditioner(x_identity).view(x.shape[0], x_transformed.shape[1], self.n_params_per_feature)
+        inputs = with_context(x_identity, context, self.context_size)
+        params = self.conditioner(inputs).view(x.shape[0], x_transformed.shape[1], self.n_params_per_feature)
         y_transformed, logabsdet = self._elementwise(x_transformed, params, inverse)
         if logabsdet.dim() == 2:
             logabsdet = logabsdet.sum(dim=1)
         # Out-of-place: a copy of x with the transformed columns replaced (autograd flows to both).
         return x.index_copy(1, self.transformed_index, y_transformed), logabsdet
 
-    def forward(self, x):
-        return self._couple(x, inverse=False)
+    def forward(self, x, context=None):
+        return self._couple(x, inverse=False, context=context)
 
-    def inverse(self, y):
-        return self._couple(y, inverse=True)
+    def inverse(self, y, context=None):
+        return self._couple(y, inverse=True, context=context)
 
 
 class AffineCoupling(Coupling):
@@ -160,12 +204,12 @@ class AffineCoupling(Coupling):
 
         log|det dy/dx| = sum_{i in B} s_i      (and minus that for the inverse).
 
-    ``transformed`` defaults to ``coupling_mask(dim, 0)``.
+    ``transformed`` defaults to ``coupling_mask(dim, 0)``; ``context=C``: (raw_s, t) = theta(x_A, c).
     """
 
-    def __init__(self, dim=3, transformed=None, hidden=32):
+    def __init__(self, dim=3, transformed=None, hidden=32, context=0):
         transformed = coupling_mask(dim, 0) if transformed is None else transformed
-        super().__init__(dim, transformed, hidden, n_params_per_feature=2)
+        super().__init__(dim, transformed, hidden, n_params_per_feature=2, context=context)
 
     def _elementwise(self, x_transformed, params, inverse):
         return affine_from_params(x_transformed, params, inverse)
@@ -174,6 +218,12 @@ class AffineCoupling(Coupling):
 # --------------------------------------------------------------------------------------------------
 # Planar flow (Rezende & Mohamed 2015)
 # --------------------------------------------------------------------------------------------------
+
+
+def _dot(a, b):
+    """The dot product over the last axis; a plain ``@`` where ``b`` is one vector (the unconditional
+    planar layer computes exactly what it always did)."""
+    return a @ b if b.dim() == 1 else (a * b).sum(-1)
 
 
 class Planar(nn.Module):
@@ -198,41 +248,96 @@ class Planar(nn.Module):
     It also keeps û bounded: 0 <= m(a) - a <= -a for a < 0, so ‖û‖ <= 2‖u‖.
     Initialisation: u = 0, b = 0 (identity); w ~ N(0, I / dim), nonzero, so that in standardised
     space wᵀz is of order one and u receives a gradient from the first step.
-    There is no closed-form inverse: ``inverse`` raises ``NotImplementedError``.
+    There is no closed-form inverse: ``inverse`` raises ``NotImplementedError``;
+    :meth:`numerical_inverse` finds it by a one-dimensional root.
+
+    Conditional (``context=C``): the amortized planar flows of Rezende & Mohamed's own experiments,
+    (u, w, b) = (u₀, w₀, b₀) + NN(c), one set per context, from a small network
+    (:func:`conditioner`, ``hidden`` units, default C, its last layer zeroed: the identity at
+    initialisation for every context), and the same projection, row by row, keeps wᵀû >= -1 for
+    every context.
     """
 
-    def __init__(self, dim=3):
+    def __init__(self, dim=3, context=0, hidden=None):
         super().__init__()
+        self.dim = dim
         self.u = nn.Parameter(torch.zeros(dim))
         self.w = nn.Parameter(torch.randn(dim) / dim**0.5)
         self.b = nn.Parameter(torch.zeros(()))
+        self.context_size = context
+        if context:
+            self.context_network = conditioner(context, 2 * dim + 1, hidden or context)
 
-    def _constrained(self):
-        w_dot_u = self.w @ self.u
+    def _planar_parameters(self, context, rows):
+        """(u, w, b): the layer's own, or, for a conditional layer, one set per row of the context."""
+        context = check_context(context, self.context_size, rows)
+        if context is None:
+            return self.u, self.w, self.b
+        offsets = self.context_network(context.to(self.u.dtype))
+        return self.u + offsets[:, :self.dim], self.w + offsets[:, self.dim:2 * self.dim], self.b + offsets[:, -1]
+
+    @staticmethod
+    def _constrained(u, w):
+        w_dot_u = _dot(w, u)
         w_dot_u_hat = F.elu(w_dot_u)  # m(wᵀu) >= -1 holds exactly in floating point too
-        u_hat = self.u + (w_dot_u_hat - w_dot_u) * self.w / (self.w @ self.w)
+        u_hat = u + (w_dot_u_hat - w_dot_u)[..., None] * w / _dot(w, w)[..., None]
         return u_hat, w_dot_u_hat
 
-    def u_hat(self):
-        """The constrained û, with wᵀû = ELU(wᵀu) >= -1."""
-        return self._constrained()[0]
+    def u_hat(self, context=None):
+        """The constrained û, with wᵀû = ELU(wᵀu) >= -1 (one row per context row for a conditional layer)."""
+        u, w, _ = self._planar_parameters(context, 1 if context is None or context.dim() == 1 else context.shape[0])
+        return self._constrained(u, w)[0]
 
-    def forward(self, z):
-        u_hat, _ = self._constrained()
-        h = torch.tanh(z @ self.w + self.b)
+    def forward(self, z, context=None):
+        u, w, b = self._planar_parameters(context, z.shape[0])
+        u_hat, _ = self._constrained(u, w)
+        h = torch.tanh(_dot(z, w) + b)
         y = z + h[:, None] * u_hat
         # 1 + ûᵀψ = 1 + (1 - h²) m(a), a = wᵀu (m(a) rather than w @ û, which can round below -1).
         # For a < 0, m(a) = eᵃ - 1 and 1 + (1 - h²)(eᵃ - 1) = h² + (1 - h²) eᵃ: a sum of two
         # non-negative terms, free of the cancellation that makes the first form -inf when eᵃ
         # rounds to 0 and h is small. Both branches are finite for every input, so torch.where
         # passes finite gradients.
-        a = self.w @ self.u
+        a = _dot(w, u)
         positive = torch.log1p((1 - h * h) * a.clamp(min=0))
         negative = torch.log(h * h + (1 - h * h) * torch.exp(a.clamp(max=0)))
         return y, torch.where(a >= 0, positive, negative)
 
-    def inverse(self, y):
+    def inverse(self, y, context=None):
         raise NotImplementedError("a planar flow has no closed-form inverse (Rezende & Mohamed 2015)")
+
+    #: Bisection steps of :meth:`numerical_inverse`: the bracket, 2|m| wide, shrinks to rounding error.
+    ROOT_BISECTIONS = 80
+
+    def numerical_inverse(self, y, context=None):
+        """z = f⁻¹(y) and log|det dz/dy| = -log|det df/dz|(z), by a one-dimensional root.
+
+        With α = wᵀz + b and m = wᵀû, y = z + û tanh(α) gives wᵀy + b = α + m tanh(α) =: g(α), and
+        g' = 1 + m (1 - tanh²α) > 0 (m > -1), so g has one root, inside [c - |m|, c + |m|] with
+        c = wᵀy + b (|tanh| <= 1): found by bisection to rounding error; then z = y - û tanh(α).
+        Differentiable: one Newton step from the detached root, α = α* - (g(α*) - c) / g'(α*),
+        leaves the value unchanged and gives the implicit-function derivatives dα = (dc - dg) / g',
+        so gradients with respect to y and to the layer's parameters are exact (a density evaluated
+        through this inverse can be trained by maximum likelihood).
+        """
+        u, w, b = self._planar_parameters(context, y.shape[0])
+        u_hat, m = self._constrained(u, w)
+        c = _dot(y, w) + b
+        with torch.no_grad():
+            width = m.abs().detach().expand_as(c)
+            low, high = c.detach() - width, c.detach() + width
+            m_value = m.detach()
+            for _ in range(self.ROOT_BISECTIONS):
+                middle = 0.5 * (low + high)
+                above = middle + m_value * torch.tanh(middle) > c.detach()
+                high = torch.where(above, middle, high)
+                low = torch.where(above, low, middle)
+            root = 0.5 * (low + high)
+            slope = 1 + m_value * (1 - torch.tanh(root) ** 2)
+        alpha = root - (root + m * torch.tanh(root) - c) / slope
+        z = y - torch.tanh(alpha)[:, None] * u_hat
+        _, logabsdet = self.forward(z, context)
+        return z, -logabsdet
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,10 +360,10 @@ class ActNorm(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(dim))
         self.shift = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x):
+    def forward(self, x, context=None):  # unconditional: a context is accepted and ignored (module docstring)
         return x * torch.exp(self.log_scale) + self.shift, self.log_scale.sum().expand(x.shape[0])
 
-    def inverse(self, y):
+    def inverse(self, y, context=None):
         return (y - self.shift) * torch.exp(-self.log_scale), -self.log_scale.sum().expand(y.shape[0])
 
 
@@ -290,11 +395,11 @@ class LULinear(nn.Module):
         upper = torch.triu(self.upper, diagonal=1) + torch.diag(torch.exp(self.log_diagonal))
         return lower, upper
 
-    def forward(self, x):
+    def forward(self, x, context=None):  # unconditional: a context is accepted and ignored (module docstring)
         lower, upper = self._factors()
         return F.linear(x, lower @ upper), self.log_diagonal.sum().expand(x.shape[0])
 
-    def inverse(self, y):
+    def inverse(self, y, context=None):
         lower, upper = self._factors()
         # y = x Uᵀ Lᵀ: solve z Lᵀ = y, then x Uᵀ = z (right-hand solves, one row per sample).
         z = torch.linalg.solve_triangular(lower.T, y, upper=True, left=False, unitriangular=True)
@@ -306,24 +411,33 @@ class FlowSequence(nn.Module):
     """Composition of flow layers, f = f_K ∘ ... ∘ f_1 (``layers`` in sampling order).
 
         forward: applies f_1, ..., f_K;   log|det df/dx| = sum_k log|det df_k|  (chain rule).
-        inverse: applies the inverses of f_K, ..., f_1; raises ``NotImplementedError`` if a layer has none.
+        inverse: applies the inverses of f_K, ..., f_1; raises ``NotImplementedError`` if a layer has
+        none, unless ``numerical=True``: a layer without a closed-form inverse (planar) is then
+        inverted by its ``numerical_inverse`` (a root, to rounding error).
+
+    ``context`` is passed to every layer (the unconditional ones ignore it or refuse it).
     """
 
     def __init__(self, layers):
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         logabsdet = x.new_zeros(x.shape[0])
         for layer in self.layers:
-            x, layer_logabsdet = layer(x)
+            x, layer_logabsdet = layer(x) if context is None else layer(x, context)
             logabsdet = logabsdet + layer_logabsdet
         return x, logabsdet
 
-    def inverse(self, y):
+    def inverse(self, y, context=None, numerical=False):
         logabsdet = y.new_zeros(y.shape[0])
         for layer in reversed(self.layers):
-            y, layer_logabsdet = layer.inverse(y)
+            if numerical and hasattr(layer, "numerical_inverse"):
+                y, layer_logabsdet = layer.numerical_inverse(y, context)
+            elif isinstance(layer, FlowSequence):
+                y, layer_logabsdet = layer.inverse(y, context, numerical=numerical)
+            else:
+                y, layer_logabsdet = layer.inverse(y) if context is None else layer.inverse(y, context)
             logabsdet = logabsdet + layer_logabsdet
         return y, logabsdet
 
@@ -334,12 +448,14 @@ class GlowStep(FlowSequence):
         log|det| = sum(log_scale) + sum(log_diagonal) + sum_{i in B} s_i.
 
     The coupling transforms ``coupling_mask(dim, index)``, so consecutive steps (index 0, 1, ...)
-    transform every feature even before the linear maps have learnt to mix them.
+    transform every feature even before the linear maps have learnt to mix them. ``context=C``:
+    only the coupling is conditioned; ActNorm and the LU map stay unconditional (the conditional
+    Glow of InvertibleNetworks.jl does the same).
     """
 
-    def __init__(self, dim=3, hidden=32, index=0):
+    def __init__(self, dim=3, hidden=32, index=0, context=0):
         super().__init__([
             ActNorm(dim),
             LULinear(dim),
-            AffineCoupling(dim, coupling_mask(dim, index), hidden),
+            AffineCoupling(dim, coupling_mask(dim, index), hidden, context=context),
         ])

@@ -199,12 +199,12 @@ class SplineCoupling(Coupling):
     theta_i the 3K - 1 raw spline parameters of feature i (``rational_quadratic_spline``: K bins on
     [-B, B], identity tails). The conditioner's last layer is zeroed and zero raw parameters give the
     identity spline, so the layer starts as the identity. ``transformed`` defaults to
-    ``coupling_mask(dim, 0)``.
+    ``coupling_mask(dim, 0)``; ``context=C``: theta_i(x_A, c), the context joining x_A as input.
     """
 
-    def __init__(self, dim=3, transformed=None, hidden=32, bins=DEFAULT_BINS, tail_bound=DEFAULT_TAIL_BOUND):
+    def __init__(self, dim=3, transformed=None, hidden=32, bins=DEFAULT_BINS, tail_bound=DEFAULT_TAIL_BOUND, context=0):
         transformed = coupling_mask(dim, 0) if transformed is None else transformed
-        super().__init__(dim, transformed, hidden, n_params_per_feature=spline_param_count(bins))
+        super().__init__(dim, transformed, hidden, n_params_per_feature=spline_param_count(bins), context=context)
         self.tail_bound = tail_bound
 
     def _elementwise(self, x_transformed, params, inverse):
