@@ -15,7 +15,6 @@ written: the model file, its script, the prior options, and every profile's stat
 
 import argparse
 import csv
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,6 @@ from gravity_flows.scoring.reference import compute_reference, score
 #: The options this module adds, removed from a per-profile run's settings so that its summary is unchanged.
 OPTIONS = ("amortize", "model", "test_profiles", "simulations", "no_figures", "proposal")
 #: Files of an amortized result beyond a run's (output.RESULT_FILES): an earlier run's are removed first.
-AMORTIZED_FILES = ("model.pt", "amortized.png", "survey.csv", "survey.md", "survey.png")
 #: The test profiles' draws come from the seed plus this (training's simulations use the seed itself).
 TEST_SEED_OFFSET = 1
 ERROR_GOAL = 0.05
@@ -114,7 +112,7 @@ def flow_options(args):
     return options
 
 
-def _remove_stale(folder, names=AMORTIZED_FILES):
+def _remove_stale(folder, names=output.AMORTIZED_FILES):
     for name in names:
         (Path(folder) / name).unlink(missing_ok=True)
 
@@ -134,7 +132,7 @@ def train_run(args, build_layers, device):
         resolve_defaults(args)
         survey = amortized.survey_of(cli.load_problem(args))  # its stations, sigma, box and density; not its data
         out = cli.prepare_output(args.out)
-        _remove_stale(out)
+        _remove_stale(out, (output.MODEL_FILE, *output.AMORTIZED_FILES))
         options = flow_options(args)
         model = amortized.build_model(build_layers, options, survey, args.seed).to(device=device, dtype=torch.float32)
         simulator = amortized.Simulator(survey, device=device, dtype=torch.float32)
@@ -157,7 +155,7 @@ def train_run(args, build_layers, device):
                     "interrupted": bool(stop.interrupted)}
         record = model_file.model_record(model, method=args.method, flow=options, survey=survey, training=training,
                                          versions=report.versions())
-        _save_model(out / "model.pt", record)
+        _save_model(out / output.MODEL_FILE, record)
         print(f"wrote {out / 'model.pt'} ({history.size} steps in {train_seconds:.0f} s)", file=sys.stderr)
 
         model = model.double()

@@ -25,8 +25,14 @@ import numpy as np
 #: Every file a run writes into its output folder (SPEC, 'What each script writes').
 RUN_FILES = ("summary.json", "samples.npz", "marginals.png", "pairs.png", "predictive_check.png",
              "elbo.png", "trace.png", "autocorrelation.png", "misfit.png")
-#: Every file name a result is made of: a run's, and a comparison's or a sweep's (compare.py, sweep.py).
-RESULT_FILES = RUN_FILES + ("table.md", "table.csv", "cost_accuracy.png", "convergence.png")
+#: The files an amortized model's training or its survey run adds (test-set figure, survey table and figure).
+AMORTIZED_FILES = ("amortized.png", "survey.csv", "survey.md", "survey.png")
+#: A trained model: written into an output folder but never removed as an earlier run's result (applying
+#: a model with ``--out`` its own folder must not delete it); only retraining there replaces it.
+MODEL_FILE = "model.pt"
+#: Every file name a result is made of: a run's, an amortized model's or survey's, and a comparison's or a
+#: sweep's (compare.py, sweep.py).
+RESULT_FILES = RUN_FILES + AMORTIZED_FILES + ("table.md", "table.csv", "cost_accuracy.png", "convergence.png")
 #: The file written last into a result's folder, whose arrival makes the result complete.
 COMPLETING_FILES = ("summary.json", "table.md")
 

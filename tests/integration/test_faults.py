@@ -398,7 +398,7 @@ def test_every_file_a_module_writes_into_an_output_folder_is_a_known_result_file
                     and str(node.right.value).endswith((".png", ".json", ".npz", ".md", ".csv"))):
                 named.add(node.right.value)  # out / "summary.json", folder / "table.md", ...
     assert {"summary.json", "elbo.png", "trace.png", "table.md"} <= named
-    assert named <= set(output.RESULT_FILES)
+    assert named <= set(output.RESULT_FILES) | {output.MODEL_FILE}
     assert set(output.COMPLETING_FILES) <= set(output.RESULT_FILES)
 
 
