@@ -441,7 +441,7 @@ def build_parser():
     group.add_argument("--burn-in", type=cli.nonnegative_int,
                        help="iterations discarded at the start of each chain; while adapting, extended "
                             f"{ADAPT_EVERY} at a time (up to {MAX_BURN_IN_FACTOR}×) while the proposal accepts under "
-                            f"{100 * ACCEPTANCE_FLOOR:.0f} % (default: {_choices('burn_in')})")
+                            f"{100 * ACCEPTANCE_FLOOR:.0f} %% (default: {_choices('burn_in')})")
     group.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=None,
                        help=f"re-estimate the proposal covariance from the chains every {ADAPT_EVERY} burn-in steps "
                             "(Haario et al. 2001), then keep it fixed for the kept steps (default: on | on | off)")
