@@ -7,7 +7,7 @@ density, or its bounds), writes ``DIR/model.pt``, scores it on ``--test-profiles
 profiles against their exact references, and writes ``DIR/summary.json`` and ``DIR/amortized.png``.
 
 ``python Gravity_<flow>.py --model DIR/model.pt --data A.csv [B.csv ...] --out OUT`` applies it: for
-each profile the importance-corrected posterior (:func:`amortized.corrected_posterior`) with the
+each profile the importance-corrected posterior (:func:`correction.corrected_posterior`) with the
 usual outputs of a run, in OUT for one profile and in ``OUT/<csv stem>/`` for several, plus
 ``OUT/survey.csv``, ``survey.md`` and ``survey.png``. Everything is checked before anything is
 written: the model file, its script, the prior options, and every profile's stations and sigma.
@@ -26,7 +26,7 @@ from tqdm import tqdm
 import forward
 from gravity_flows.command import cli
 from gravity_flows.command.sweep import markdown_table
-from gravity_flows.inference import amortized, model_file
+from gravity_flows.inference import amortized, correction, model_file
 from gravity_flows.inference.vi import TrainingDiverged
 from gravity_flows.reporting import output, report
 from gravity_flows.reporting.figures.amortized import plot_amortized, plot_survey
@@ -163,7 +163,7 @@ def train_run(args, build_layers, device):
     plot_amortized(out / "amortized.png", rows, survey.parameters, title=f"{args.method}, amortized",
                            error_goal=ERROR_GOAL, loss=history)
     results = {**training, "n_parameters": n_parameters, "loss_history_every_100": history[::100].tolist(),
-               "test": {"seed": args.seed, **(amortized.aggregate(rows, ERROR_GOAL) if rows else {}), "rows": rows}}
+               "test": {"seed": args.seed, **(correction.aggregate(rows, ERROR_GOAL) if rows else {}), "rows": rows}}
     summary = {
         "method": args.method,
         "mode": "amortize",
@@ -197,7 +197,7 @@ def score_test_set(model, survey, args):
                 print(f"warning: test profile {index}: no exact reference ({error})", file=sys.stderr)
                 continue
             reference = compute_reference(problem, laplace)
-            _, _, row = amortized.score_profile(model, problem, args.samples, generator=generator, rng=rng,
+            _, _, row = correction.score_profile(model, problem, args.samples, generator=generator, rng=rng,
                                                 reference=reference, adapt=args.proposal == "adaptive")
             rows.append({"profile": index, **row})
             if stop.interrupted:
@@ -279,7 +279,7 @@ def apply_run(args, build_layers, device):
             with cli.Timer() as profile_clock:
                 laplace = forward.laplace_approximation(problem)
                 reference = compute_reference(problem, laplace)
-                theta, _, row = amortized.score_profile(model, problem, args.samples, generator=generator, rng=rng,
+                theta, _, row = correction.score_profile(model, problem, args.samples, generator=generator, rng=rng,
                                                         reference=reference, adapt=args.proposal == "adaptive")
             row["posterior_time_s"] += read_seconds  # from the profile read to the corrected draws
             results = {"mode": "model", "model": {"path": str(Path(args.model).resolve()), "method": record["method"],
@@ -380,7 +380,7 @@ def write_survey(out, rows, parameters, method):
              f"total {np.sum(times):.2f} s.",
              "- error: the corrected draws against each profile's exact reference (largest W1/sd); flow alone: "
              "the flow's own draws, before the importance correction.",
-             f"- not trustworthy (k-hat > 0.7, or the effective sample size short of its target): "
+             "- not trustworthy (k-hat > 0.7, or the effective sample size short of its target): "
              + (", ".join(flagged) + f" — these lie outside what the network learned; run a per-profile fit "
                 f"(python Gravity_{method}.py --data FILE)." if flagged else "none.")]
     text = (f"# Survey: {method}, amortized\n\n{markdown_table(columns, table)}\n\n" + "\n".join(notes) + "\n")

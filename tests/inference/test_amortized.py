@@ -4,7 +4,6 @@ closed-form posterior for every observation, with uniform SBC ranks; the model f
 the same draws; the corrected posterior's bookkeeping."""
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from scipy import stats
 
 import forward
 from gravity_flows.flows.layers import AffineCoupling, coupling_mask
-from gravity_flows.inference import amortized, model_file
+from gravity_flows.inference import amortized, correction, model_file
 
 
 def small_survey(n_stations=40, free_density=False, noise=None):
@@ -105,7 +104,7 @@ def test_an_amortized_flow_recovers_the_closed_form_posterior_of_every_observati
     """Twelve observations of truths in the middle of the box. The flow alone, from 2000 steps: means
     within 0.5 posterior sd on average (1.2 at worst: its location is a learnt function of d, fitted
     to about 1 % of the box), sds within 15 %, correlations within 0.1. Corrected by importance weights
-    with the exact likelihood (the application's :func:`amortized.corrected_posterior`): means within
+    with the exact likelihood (the application's :func:`correction.corrected_posterior`): means within
     0.08 sd, sds within 6 %, correlations within 0.04 (Monte Carlo error of 4000 effective draws:
     0.016 sd in the mean, 1.1 % in the sd)."""
     problem, model = linear_gaussian_flow
@@ -117,7 +116,7 @@ def test_an_amortized_flow_recovers_the_closed_form_posterior_of_every_observati
     offsets = []
     for observation in data:
         exact_mean = problem.posterior_mean(observation).numpy()
-        corrected, alone, report = amortized.corrected_posterior(
+        corrected, alone, report = correction.corrected_posterior(
             model, observation, problem.log_likelihood(observation), 0.0, 8000,
             generator=torch.Generator().manual_seed(9), rng=np.random.default_rng(9), first_draws=8000)
         mean, draws_sd, draws_correlation = moments(alone)
@@ -253,7 +252,7 @@ def test_a_corrected_posterior_is_trustworthy_only_with_a_small_k_hat_and_enough
     survey = small_survey()
     model = amortized.build_model(build_layers, OPTIONS, survey, seed=3)
     profile = amortized.simulated_profiles(survey, 1, seed=1)[0]
-    theta, q_draws, report = amortized.corrected_profile_posterior(
+    theta, q_draws, report = correction.corrected_profile_posterior(
         model, profile, 500, generator=torch.Generator().manual_seed(0), rng=np.random.default_rng(0),
         first_draws=1000, max_draws=4000, adapt=False)
     assert theta.shape == (500, 3) and q_draws.shape == (500, 3)
@@ -271,7 +270,7 @@ def test_the_defensive_mixture_weights_use_its_exact_density(linear_gaussian_flo
     with torch.no_grad():
         context = model.context(data[0])
     location, scale_tril = np.array([0.3, -0.2]), np.array([[0.4, 0.0], [0.1, 0.3]])
-    mixture = amortized.DefensiveMixture(model, context, lambda theta: theta.new_zeros(len(theta)), 0.0, location,
+    mixture = correction.DefensiveMixture(model, context, lambda theta: theta.new_zeros(len(theta)), 0.0, location,
                                          scale_tril)
     theta, log_weights = mixture.draw(3000, torch.Generator().manual_seed(22))
     assert np.all(np.abs(theta) < LG_HALF_WIDTH)
@@ -279,8 +278,8 @@ def test_the_defensive_mixture_weights_use_its_exact_density(linear_gaussian_flo
     with torch.no_grad():
         log_q = model.log_prob(theta_t, context).numpy()
         u, log_du_dtheta = model.box.inverse(theta_t)
-    t = stats.multivariate_t(loc=location, shape=scale_tril @ scale_tril.T, df=amortized.T_DEGREES)
-    share = amortized.DEFENSIVE_SHARE
+    t = stats.multivariate_t(loc=location, shape=scale_tril @ scale_tril.T, df=correction.T_DEGREES)
+    share = correction.DEFENSIVE_SHARE
     expected = np.logaddexp(np.log(share) + log_q, np.log1p(-share) + t.logpdf(u.numpy()) + log_du_dtheta.numpy())
     np.testing.assert_allclose(-log_weights, expected, rtol=1e-9, atol=1e-9)
     # the first round(a n) draws are the flow's: the t's draws spread about its location in u
@@ -305,9 +304,9 @@ def test_an_adapted_proposal_rescues_a_flow_that_covers_the_posterior_too_widely
 
     exact_mean = problem.posterior_mean(mean_data).numpy()
     exact_sd = (problem.covariance.diagonal() / repeats).sqrt().numpy()
-    plain = amortized.corrected_posterior(model, mean_data, log_likelihood, 0.0, 4000, generator=torch.Generator().manual_seed(24),
+    plain = correction.corrected_posterior(model, mean_data, log_likelihood, 0.0, 4000, generator=torch.Generator().manual_seed(24),
                                           rng=np.random.default_rng(0), max_draws=8192, adapt=False)[2]
-    theta, _, report = amortized.corrected_posterior(model, mean_data, log_likelihood, 0.0, 4000,
+    theta, _, report = correction.corrected_posterior(model, mean_data, log_likelihood, 0.0, 4000,
                                                      generator=torch.Generator().manual_seed(24),
                                                      rng=np.random.default_rng(0), max_draws=8192)
     assert plain["ess"] < 0.25 * report["ess"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import forward
-from gravity_flows.inference import amortized
+from gravity_flows.inference import amortized, correction
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = "Gravity_coupling_Affine.py"
@@ -43,8 +43,8 @@ def trained(tmp_path_factory):
     """A tiny model of the default survey (coupling affine), and three profiles of that survey as CSV."""
     folder = tmp_path_factory.mktemp("amortized")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(amortized, "FIRST_DRAWS", 1000)  # an untrained flow: keep its futile draws few
-        patch.setattr(amortized, "MAX_DRAWS", 2000)
+        patch.setattr(correction, "FIRST_DRAWS", 1000)  # an untrained flow: keep its futile draws few
+        patch.setattr(correction, "MAX_DRAWS", 2000)
         patch.setattr(sys, "argv", [str(ROOT / SCRIPT), "--amortize", "--test-profiles", "2", "--out",
                                     str(folder / "model"), *TINY])
         with pytest.raises(SystemExit) as stopped:
@@ -76,8 +76,8 @@ def test_amortize_writes_the_model_its_test_scores_and_its_figure(trained):
 
 @pytest.fixture()
 def few_draws(monkeypatch):
-    monkeypatch.setattr(amortized, "FIRST_DRAWS", 1000)
-    monkeypatch.setattr(amortized, "MAX_DRAWS", 2000)
+    monkeypatch.setattr(correction, "FIRST_DRAWS", 1000)
+    monkeypatch.setattr(correction, "MAX_DRAWS", 2000)
 
 
 def test_a_model_applied_to_a_survey_writes_each_profile_and_the_survey(trained, tmp_path, monkeypatch, capsys, few_draws):

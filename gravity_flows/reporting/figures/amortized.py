@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from scipy import stats
 
-from gravity_flows.inference.amortized import SBC_DRAWS
+from gravity_flows.inference.correction import SBC_DRAWS
 from gravity_flows.reporting import output
 from gravity_flows.reporting.figures.style import REFERENCE_COLOUR, SAMPLE_COLOUR, TRUTH_COLOUR, _heading, _plain_log_axis
 
@@ -36,7 +36,7 @@ def coverage_curve(cdf_at_truth, levels):
 def plot_amortized(path, rows, parameters, title="", error_goal=0.05, loss=None):
     """``amortized.png``: error against signal-to-noise, coverage of q alone, SBC ranks (module docstring).
 
-    ``rows``: the scored test rows (``amortized.score_profile``: ``error``, ``vi.error``, ``snr``,
+    ``rows``: the scored test rows (``correction.score_profile``: ``error``, ``vi.error``, ``snr``,
     ``trustworthy``, ``q_cdf_at_truth``, ``sbc_rank``). ``loss``: the training loss per step (its
     own panel). With no rows the figure says so.
     """
