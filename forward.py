@@ -364,9 +364,8 @@ def _fused_misfit(stations, g_obs, weights, theta, density, with_gradient):
     amplitude_z = amplitude * z
     offset = stations - x0
     inverse_r = torch.addcmul(z * z, offset, offset).rsqrt_()
-    inverse_r3 = inverse_r * inverse_r
-    inverse_r2 = inverse_r3 if not with_gradient else inverse_r3.clone()
-    inverse_r3.mul_(inverse_r)
+    inverse_r2 = inverse_r * inverse_r
+    inverse_r3 = inverse_r2.mul_(inverse_r) if not with_gradient else inverse_r2 * inverse_r
     residual = torch.addcmul(g_obs, amplitude_z, inverse_r3, value=-1.0)  # d - g
     weighted = residual * weights if isinstance(weights, torch.Tensor) else residual
     misfit = torch.linalg.vecdot(residual, weighted)
