@@ -34,7 +34,6 @@ from gravity_flows.scoring.reference import compute_reference, score
 
 #: The options this module adds, removed from a per-profile run's settings so that its summary is unchanged.
 OPTIONS = ("amortize", "model", "test_profiles", "simulations", "no_figures", "proposal")
-#: Files of an amortized result beyond a run's (output.RESULT_FILES): an earlier run's are removed first.
 #: The test profiles' draws come from the seed plus this (training's simulations use the seed itself).
 TEST_SEED_OFFSET = 1
 ERROR_GOAL = 0.05
