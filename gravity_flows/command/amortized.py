@@ -14,7 +14,6 @@ written: the model file, its script, the prior options, and every profile's stat
 """
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 import forward
 from gravity_flows.command import cli
-from gravity_flows.command.sweep import markdown_table
+from gravity_flows.command.sweep import markdown_table, write_csv
 from gravity_flows.inference import amortized, correction, model_file
 from gravity_flows.inference.vi import TrainingDiverged
 from gravity_flows.reporting import output, report
@@ -366,12 +365,7 @@ def write_survey(out, rows, parameters, method):
             entry[f"{p.name}_mean"], entry[f"{p.name}_sd"] = row["mean"][i], row["sd"][i]
         table.append(entry)
     columns = survey_columns(parameters)
-    with output.atomic_path(out / "survey.csv") as temporary:
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow([key for key, _, _ in columns])
-            for entry in table:
-                writer.writerow([entry[key] for key, _, _ in columns])
+    write_csv(out / "survey.csv", columns, table)
     plot_survey(out / "survey.png", rows, parameters, title=f"{method}, amortized")
     flagged = [entry["name"] for entry in table if entry["trustworthy"] != "yes"]
     times = [row["posterior_time_s"] for row in rows]

@@ -121,18 +121,23 @@ def markdown_table(columns, rows):
     return "\n".join(lines)
 
 
+def write_csv(path, columns, rows):
+    """Write ``rows`` (dicts) as a CSV file of ``columns`` ((key, title, format) triples), atomically; None is empty."""
+    with output.atomic_path(path) as temporary:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow([key for key, _, _ in columns])
+            for row in rows:
+                writer.writerow(["" if row.get(key) is None else row.get(key) for key, _, _ in columns])
+
+
 def write_tables(folder, columns, rows, heading, notes=""):
     """Write ``table.csv`` (raw numbers) and ``table.md`` (heading, table, notes) into ``folder``; return the markdown.
 
     ``table.md`` is written last: its arrival completes the folder's result (output.COMPLETING_FILES).
     """
     folder = Path(folder)
-    with output.atomic_path(folder / "table.csv") as temporary:
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow([key for key, _, _ in columns])
-            for row in rows:
-                writer.writerow(["" if row.get(key) is None else row.get(key) for key, _, _ in columns])
+    write_csv(folder / "table.csv", columns, rows)
     text = f"# {heading}\n\n{markdown_table(columns, rows)}\n" + (f"\n{notes.strip()}\n" if notes.strip() else "")
     with output.atomic_path(folder / "table.md") as temporary:
         temporary.write_text(text)
