@@ -10,6 +10,18 @@ far narrower than the precision the network's location reaches), the proposal is
 cap, and a result is ``trustworthy`` only when the PSIS k-hat is at most 0.7 and the effective sample
 size reached its target. :func:`score_profile` scores one profile against its exact reference, the
 row of a survey table or of the held-out test set; :func:`aggregate` sums the test set up.
+
+Measured (the same 50 held-out test profiles of the default survey, models of 10000 steps, each
+profile against its exact reference; ``--proposal flow`` against the default ``adaptive``):
+
+| flow | proposal | share error <= 0.05 | trustworthy | 90th pct error | median draws |
+|---|---|---:|---:|---:|---:|
+| coupling_NSF | flow | 78 % | 68 % | 0.367 | 38299 |
+| coupling_NSF | adaptive | 94 % | 96 % | 0.038 | 8192 |
+| auto_NSF | flow | 78 % | 66 % | 0.347 | 44424 |
+| auto_NSF | adaptive | 98 % | 96 % | 0.036 | 8192 |
+
+No profile was a silent failure (error > 0.1 yet trustworthy) either way.
 """
 
 import math
