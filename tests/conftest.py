@@ -1,4 +1,3 @@
-import contextlib
 import functools
 import sys
 import time
@@ -9,10 +8,12 @@ import pytest
 
 # The tests mirror the package (tests/flows/ for gravity_flows/flows/, ...); end-to-end runs of the scripts,
 # faults and bad input are in tests/integration/. The project's root (the scripts, forward.py and the
-# package) and tests/ itself (the shared layer harness) are importable from every folder.
+# package), tests/ itself (the shared layer harness) and tests/integration (unrendered.py, figures drawn
+# but not rendered) are importable from every folder.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent / "integration"))  # unrendered.py, for every folder
 
 
 @pytest.fixture(scope="session")
@@ -94,42 +95,21 @@ def method_timer(monkeypatch):
     return timer
 
 
-@contextlib.contextmanager
-def _figures_rendered_only_in(*folders):
-    """Figures drawn but not rendered, except those written straight into one of ``folders``:
-    ``output.save_figure`` writes a stand-in file in place of the others, atomically, and closes the figure.
-
-    For end-to-end runs that check numbers and files, not pictures: rendering is most of a short run's
-    time, and the figures' own tests (tests/reporting) and one end-to-end run per script render them all."""
-    import matplotlib.pyplot as plt
-
-    from gravity_flows.reporting import output
-
-    rendered = {Path(folder).resolve() for folder in folders}
-    save = output.save_figure
-
-    def save_figure(figure, path, *args, **kwargs):
-        if Path(path).resolve().parent in rendered:
-            return save(figure, path, *args, **kwargs)
-        with output.atomic_path(path) as temporary:
-            temporary.write_bytes(b"\x89PNG not rendered")
-        plt.close(figure)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(output, "save_figure", save_figure)
-        yield
-
-
 @pytest.fixture(scope="session")
 def figures_rendered_only_in():
-    """``with figures_rendered_only_in(folder, ...):`` renders only the figures written into those folders."""
-    return _figures_rendered_only_in
+    """``with figures_rendered_only_in(folder, ...):`` renders only the figures written into those folders
+    (tests/integration/unrendered.py)."""
+    from unrendered import rendered_only_in
+
+    return rendered_only_in
 
 
 @pytest.fixture
 def unrendered_figures():
     """No figure of the test is rendered (each is drawn, and a stand-in file written in its place)."""
-    with _figures_rendered_only_in():
+    from unrendered import rendered_only_in
+
+    with rendered_only_in():
         yield
 
 

@@ -48,15 +48,16 @@ ITERATIONS = 100
 
 
 @pytest.fixture(scope="module")
-def quick_comparison(tmp_path_factory, figures_rendered_only_in):
-    """One quick comparison of all seven methods on the default problem, read by the tests below.
+def quick_comparison(tmp_path_factory, profile_csv, figures_rendered_only_in):
+    """One quick comparison of all seven methods, read by the tests below, on a user's profile (every
+    tenth station of the default data: each method's end-to-end test runs on the default problem itself).
 
     The comparison's own figures are rendered; each method's are drawn, not rendered (the end-to-end
     test of each script renders them)."""
     out = tmp_path_factory.mktemp("compare")
     with figures_rendered_only_in(out):
-        status = compare.main(["--quick", "--iterations", str(ITERATIONS), "--samples", "1000", "--checkpoints", "3",
-                               "--out", str(out), "--quiet"])
+        status = compare.main(["--quick", "--data", str(profile_csv), "--iterations", str(ITERATIONS), "--samples", "1000",
+                               "--checkpoints", "3", "--out", str(out), "--quiet"])
     return status, out
 
 

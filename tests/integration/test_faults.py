@@ -33,6 +33,8 @@ from gravity_flows.reporting import output
 from ctrl_c import WAITING, after_writing
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Runs a script as ``__main__`` in a real process with its figures drawn but not rendered.
+UNRENDERED = "tests/integration/unrendered.py"
 COMMON_FILES = ("marginals.png", "predictive_check.png", "pairs.png", "summary.json", "samples.npz")
 FLOW_FILES = COMMON_FILES + ("elbo.png",)
 MCMC_FILES = COMMON_FILES + ("trace.png", "autocorrelation.png", "misfit.png")
@@ -145,7 +147,8 @@ def test_ctrl_c_writes_what_was_learnt_marked_interrupted(script, loop, planned,
     out = tmp_path / "out"
     # the folder held another method's result: none of its files may be taken for this run's
     plant_earlier_result(out, set(FLOW_FILES + MCMC_FILES) - set(files) | {"summary.json", "samples.npz"})
-    run = Running(script, "--iterations", planned, "--samples", 500, "--out", out)
+    # figures drawn, not rendered (tests/integration/unrendered.py): the files are what is checked
+    run = Running(UNRENDERED, script, "--iterations", planned, "--samples", 500, "--out", out)
     run.wait_for_progress(loop)
     run.interrupt()
     status, stderr = run.finish()
@@ -436,7 +439,9 @@ def seeded_runs(request, tmp_path_factory, profile_csv, figures_rendered_only_in
     if request.param == "MCMC":
         options += ["--data", profile_csv]
     outs = [folder / "seed7-process", folder / "seed7", folder / "seed8"]
-    process = subprocess.Popen(command(script, *options, "--quiet", "--seed", 7, "--out", outs[0]), cwd=ROOT,
+    # the flow's process renders its figures (the one real process that does), MCMC's draws them only
+    launcher = command(UNRENDERED, script) if request.param == "MCMC" else command(script)
+    process = subprocess.Popen([*launcher, *map(str, options), "--quiet", "--seed", "7", "--out", str(outs[0])], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         main = importlib.import_module(script.removesuffix(".py")).main
