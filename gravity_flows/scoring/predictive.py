@@ -17,11 +17,15 @@ ONE_SIGMA_MASS = 1.0 - math.exp(-0.5)
 TWO_SIGMA_MASS = 1.0 - math.exp(-2.0)
 #: Central probability of the bands of the predictive check.
 BAND_MASS = 0.90
+
+
 def check_dim(dim, parameters, what="theta"):
     if dim != len(parameters):
         names = ", ".join(p.name for p in parameters)
         raise ValueError(f"{what} has {dim} columns but {len(parameters)} parameters ({names}) were given; "
                          "pass parameters=problem.parameters")
+
+
 def finite_rows(theta, parameters=forward.SPHERE):
     """The rows of samples ``theta`` (n, dim) that are finite everywhere, and the number of rows given."""
     theta = np.asarray(theta, dtype=float)
@@ -29,6 +33,8 @@ def finite_rows(theta, parameters=forward.SPHERE):
         check_dim(theta.shape[-1], parameters)
     theta = theta.reshape(-1, len(parameters))
     return theta[np.all(np.isfinite(theta), axis=1)], theta.shape[0]
+
+
 def credible_levels(density, cell_area, masses=(ONE_SIGMA_MASS, TWO_SIGMA_MASS)):
     """Density thresholds whose super-level sets {density >= level} hold the given probability masses.
 
@@ -54,6 +60,8 @@ def credible_levels(density, cell_area, masses=(ONE_SIGMA_MASS, TWO_SIGMA_MASS))
     cumulative /= cumulative[-1]
     # cumulative is non-decreasing: interpolate the density at which each mass is reached
     return np.array([float(np.interp(m, cumulative, sorted_density)) for m in masses])
+
+
 @dataclass(frozen=True)
 class PredictiveBands:
     """The bands of the predictive check, at the stations sorted by position (all in µGal but ``stations``, m).
@@ -72,6 +80,8 @@ class PredictiveBands:
     predictive_high: np.ndarray
     noise_sd: np.ndarray
     n_draws: int
+
+
 def predictive_bands(problem, theta, rng, n_draws=2000):
     """The signal and posterior predictive bands of ``problem`` for samples ``theta`` (n, problem.dim).
 

@@ -21,16 +21,24 @@ from gravity_flows.scoring.predictive import check_dim
 def _thinned_steps(n_steps):
     stride = max(1, math.ceil(n_steps / MAX_LINE_POINTS))
     return np.arange(0, n_steps, stride), stride
+
+
 def _shade_burn_in(ax, burn_in, n_steps, label=True):
     if 0 < burn_in < n_steps:
         ax.axvspan(0, burn_in, color="0.85", zorder=0, label="burn-in (discarded)" if label else None)
         return True
     return False
+
+
 def _chain_colours(n_chains):
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     return [cycle[k % len(cycle)] for k in range(n_chains)]
+
+
 def _thinning_note(stride):
     return f" (1 in {stride} steps drawn)" if stride > 1 else ""
+
+
 def plot_trace(path, chains, burn_in=0, title="", parameters=forward.SPHERE):
     """Trace of each parameter against iteration, every chain in its own colour.
 
@@ -76,6 +84,8 @@ def plot_trace(path, chains, burn_in=0, title="", parameters=forward.SPHERE):
     figure.suptitle(_heading(title, f"Markov chain traces ({n_chains} chain{'s' if n_chains > 1 else ''}, {n_steps} steps)"))
     figure.tight_layout(rect=(0, 0.04, 1, 1))
     output.save_figure(figure, path)
+
+
 def plot_autocorrelation(path, chains, title="", tau=None, parameters=forward.SPHERE):
     """Autocorrelation function of each parameter (averaged over chains), with tau and the ESS.
 
@@ -126,6 +136,8 @@ def plot_autocorrelation(path, chains, title="", tau=None, parameters=forward.SP
     figure.suptitle(_heading(title, what))
     figure.tight_layout()
     output.save_figure(figure, path)
+
+
 def plot_misfit(path, rms_history, noise_sd, burn_in=0, title="", noise_weighted=False):
     """Data misfit of the chain's current state per iteration, against the misfit of a fit to the noise.
 

@@ -99,6 +99,8 @@ def plot_marginals_grid(path, rows, truth=None, title="", error_goal=None, param
     output.save_figure(figure, path)
 #: KL estimates below this are drawn at it on the log axis (Monte Carlo noise can make them negative).
 KL_FLOOR = 1e-4
+
+
 def plot_cost_accuracy(path, runs, error_goal=None, kl_goal=None, title=""):
     """What each run cost against how accurate it is: wall time (log) against error and against KL (log).
 
@@ -156,6 +158,8 @@ def plot_cost_accuracy(path, runs, error_goal=None, kl_goal=None, title=""):
     rows_of_legend = math.ceil(len(handles) / 4)
     figure.tight_layout(rect=(0, 0.05 + 0.045 * rows_of_legend, 1, 1))
     output.save_figure(figure, path)
+
+
 def plot_convergence(path, runs, level=None, title=""):
     """How each method's error falls as it runs: error against seconds and against likelihood evaluations, log–log.
 
@@ -221,6 +225,8 @@ def plot_convergence(path, runs, level=None, title=""):
     figure.suptitle(_heading(title, "accuracy against cost as each method runs (lower left is better)"))
     figure.tight_layout(rect=(0, 0.05 + 0.045 * math.ceil(len(handles) / ncol), 1, 1))
     output.save_figure(figure, path)
+
+
 def plot_pair_grid(path, rows, truth=None, title="", parameters=forward.SPHERE, bounds=None):
     """Small multiples of one pair of parameters, one panel per run: the R–Δρ ridge when the density
     is unknown, else z–R (the depth–radius trade-off). ``rows``: ``(label, theta, reference)`` as for

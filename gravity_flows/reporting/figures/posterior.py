@@ -97,11 +97,15 @@ def plot_marginals(path, theta, reference=None, truth=None, title="", scores=Non
     figure.suptitle(_heading(title, what))
     figure.tight_layout(rect=(0, 0.23 / height, 1, 1))
     output.save_figure(figure, path)
+
+
 def _mass_ridge(parameters):
     """(index of R, index of Δρ) when both are unknowns (the data see only Δρ R³), else None."""
     if forward.RADIUS in parameters and forward.DENSITY in parameters:
         return parameters.index(forward.RADIUS), parameters.index(forward.DENSITY)
     return None
+
+
 def _draw_mass_curve(ax, radius_limits, mass_product, radius_on_x):
     """The curve Δρ R³ = ``mass_product`` (kg) across the panel: where the data put the R–Δρ ridge."""
     radius = np.linspace(*radius_limits, 400)
@@ -111,6 +115,8 @@ def _draw_mass_curve(ax, radius_limits, mass_product, radius_on_x):
     ax.plot(x, y, color=MASS_CURVE_COLOUR, lw=1.0, ls=(0, (5, 3)), zorder=1.5)
 #: Half-width of the magnified window on the mass ridge, in standard deviations of R across the ridge.
 RIDGE_INSET_SDS = 6.0
+
+
 def _ridge_inset(ax, theta, exact, ridge, radius_on_x, mass_product, centre_density, truth_xy, radius_limits):
     """Magnify a short piece of the R–Δρ ridge, where the panel shows it as a line, so its thickness can be seen.
 
@@ -169,12 +175,16 @@ def _ridge_inset(ax, theta, exact, ridge, radius_on_x, mass_product, centre_dens
                transform=inset.transAxes, ha=align, va="bottom", fontsize=7,
                bbox=dict(facecolor="white", alpha=0.8, edgecolor="none", pad=1))
     ax.indicate_inset_zoom(inset, edgecolor="0.35")
+
+
 def _excess_mass_text(mass_product):
     """(4/3) π Δρ R³ in kg, to three significant digits, with thousands separators."""
     mass = 4.0 / 3.0 * math.pi * mass_product
     if not np.isfinite(mass) or mass == 0:
         return f"{mass:g} kg"
     return f"{round(mass, 2 - math.floor(math.log10(abs(mass)))):,.0f} kg" if abs(mass) >= 100 else f"{mass:.3g} kg"
+
+
 def _pair_panel(ax, theta, shown, n_total, i, j, reference, truth, limits, parameters):
     """One panel of :func:`plot_pairs`: parameters i (x) and j (y). Returns ``(drawn, mass_product)``:
     whether the exact contours could be drawn, and the Δρ R³ of the ridge's curve (None off the ridge)."""
@@ -228,6 +238,8 @@ def _pair_panel(ax, theta, shown, n_total, i, j, reference, truth, limits, param
     _plain_ticks(ax, 6, 6)
     _fit_ticks(ax, 6)
     return drawn, mass_product
+
+
 def plot_pairs(path, theta, reference=None, truth=None, title="", parameters=forward.SPHERE, bounds=None):
     """The 2-D joint posteriors of every pair of parameters: samples (scatter), exact 39.3 % and 86.5 % contours, truth.
 

@@ -12,6 +12,8 @@ from gravity_flows.scoring.predictive import BAND_MASS, predictive_bands
 def _microgal(value):
     """A value in µGal to a thousandth of a µGal, or to three significant digits when smaller."""
     return f"{value:.3f}" if abs(value) >= 0.01 else f"{value:.3g}"
+
+
 def plot_predictive_check(path, problem, theta, rng, title="", n_draws=2000):
     """Data, true signal, posterior mean prediction, and two 90 % bands; residuals; the signal band magnified.
 

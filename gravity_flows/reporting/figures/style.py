@@ -34,8 +34,12 @@ REFERENCE_COLOUR = "black"
 TRUTH_COLOUR = "tab:red"
 SIGNAL_COLOUR = "tab:orange"
 MASS_CURVE_COLOUR = "tab:orange"
+
+
 def _heading(title, what):
     return f"{title}: {what}" if title else what[:1].upper() + what[1:]
+
+
 def _plain_ticks(ax, x_bins=5, y_bins=None, integer_x=False):
     """Plain tick labels (no offset, no scientific notation) and few enough ticks not to collide."""
     ax.xaxis.set_major_locator(MaxNLocator(x_bins, integer=integer_x))
@@ -48,6 +52,8 @@ def _plain_ticks(ax, x_bins=5, y_bins=None, integer_x=False):
             pass
 #: Characters of tick labels that fit across one parameter panel (about 4 inches at 10 pt).
 PANEL_TICK_CHARACTERS = 46
+
+
 def _fit_ticks(ax, n_bins=6, characters=PANEL_TICK_CHARACTERS):
     """Fewer x ticks when plain labels are long (a posterior a billionth of a metre wide reads
     "2.999999992"), so that they never run into each other. Call after the limits are set."""
@@ -56,6 +62,8 @@ def _fit_ticks(ax, n_bins=6, characters=PANEL_TICK_CHARACTERS):
     decimals = max(0, -math.floor(math.log10(step))) if step > 0 and np.isfinite(step) else 0
     length = max(len(f"{value:.{decimals}f}") for value in (low, high))
     ax.xaxis.set_major_locator(MaxNLocator(int(np.clip(characters // (length + 3), 2, n_bins))))
+
+
 def _decimals(scale):
     """Decimals that show a value to about two significant digits of its uncertainty ``scale``.
 
@@ -64,20 +72,30 @@ def _decimals(scale):
     if not np.isfinite(scale) or scale <= 0:
         return 3
     return int(np.clip(1 - math.floor(math.log10(scale)), -8, 12))
+
+
 def _fixed(value, decimals):
     """``value`` with ``decimals`` decimals; a negative count rounds to tens, hundreds, … and shows none."""
     if decimals >= 0:
         return f"{value:.{decimals}f}"
     return f"{round(value, decimals):.0f}"
+
+
 def _listing(words):
     words = list(words)
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 def _per_unit(unit):
     """The unit of a probability density over a quantity in ``unit``."""
     return {"m": "1/m", "kg/m³": "m³/kg"}.get(unit, f"1/({unit})")
+
+
 def _pairs(dim):
     """Every pair of parameter indices i < j, in reading order: (0, 1), (0, 2), …, (dim - 2, dim - 1)."""
     return [(i, j) for i in range(dim) for j in range(i + 1, dim)]
+
+
 def _reference_view(reference, i):
     """(low, high): the reference mean ± VIEW_SDS sd, cut to where its marginal exceeds VIEW_DENSITY_FLOOR of its peak.
 
@@ -95,6 +113,8 @@ def _reference_view(reference, i):
         if max(low, support_low) < min(high, support_high):
             low, high = max(low, support_low), min(high, support_high)
     return low, high
+
+
 def _view_limits(values, reference=None, i=None, truth=None, bounds=None):
     """(low, high) of the axis for parameter i: the reference's view (:func:`_reference_view`) ∪ the samples' central 99 %.
 
@@ -125,11 +145,17 @@ def _view_limits(values, reference=None, i=None, truth=None, bounds=None):
         if clipped_low < clipped_high:  # a view entirely outside the box (samples that left it) stays as it is
             low, high = clipped_low, clipped_high
     return low, high
+
+
 def _all_view_limits(theta, reference, truth, bounds=None):
     return [_view_limits(theta[:, i], reference, i, None if truth is None else truth[i], None if bounds is None else bounds[i])
             for i in range(theta.shape[1])]
+
+
 def _cell_areas(nodes_i, nodes_j):
     return np.outer(np.gradient(nodes_i), np.gradient(nodes_j))
+
+
 def _draw_exact_contours(ax, nodes_i, nodes_j, joint):
     """Draw the exact 39.3 % (solid) and 86.5 % (dashed) credible contours; True when both could be drawn.
 
@@ -151,6 +177,8 @@ def _draw_exact_contours(ax, nodes_i, nodes_j, joint):
         ax.contour(nodes_i, nodes_j, joint.T, levels=list(levels), colors=REFERENCE_COLOUR,
                    linewidths=widths, linestyles=styles)
     return len(drawable) == 2
+
+
 def _padded_marginal(reference, i):
     """The reference marginal with zeros appended beyond its grid, so it ends at the axis, not mid-air."""
     nodes, density = reference.marginal(i)
@@ -160,9 +188,13 @@ def _padded_marginal(reference, i):
         np.concatenate([[nodes[0] - far, nodes[0] - step], nodes, [nodes[-1] + step, nodes[-1] + far]]),
         np.concatenate([[0.0, 0.0], density, [0.0, 0.0]]),
     )
+
+
 def _minor_log_label(value, _):
     leading = value / 10.0 ** math.floor(math.log10(value) + 1e-9)
     return f"{value:g}" if round(leading) in (2, 5) else ""
+
+
 def _plain_log_axis(ax, values, axis="y"):
     """Log axis labelled 0.01, 1, 100 rather than 10^-2, 10^0, 10^2; below two decades of ``values``
     the minor ticks at 2 and 5 are labelled too, so that the axis never shows a single number."""
@@ -173,6 +205,8 @@ def _plain_log_axis(ax, values, axis="y"):
     target = ax.yaxis if axis == "y" else ax.xaxis
     target.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     target.set_minor_formatter(FuncFormatter(_minor_log_label) if decades < 2 else NullFormatter())
+
+
 def _running_mean(values, window):
     """Centred moving mean over ``window`` points (fewer at the ends), ignoring non-finite values."""
     finite = np.isfinite(values)
@@ -183,6 +217,8 @@ def _running_mean(values, window):
     end = np.minimum(values.size, index + (window + 1) // 2)
     with np.errstate(invalid="ignore", divide="ignore"):
         return (sums[end] - sums[start]) / (counts[end] - counts[start])
+
+
 def _scores(theta, reference):
     """W1/sd per parameter against the reference (:func:`reference.score`)."""
     return score(theta, reference)["w1_over_sd"]
