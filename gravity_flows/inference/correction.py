@@ -63,6 +63,7 @@ ADAPT_ROUNDS = 4
 ADAPT_DRAWS = 4096
 DEFENSIVE_SHARE = 0.1
 T_DEGREES = 5
+SCALE_INFLATION = 1.0
 
 
 class FlowProposal:
@@ -114,12 +115,12 @@ class AdaptedProposal(FlowProposal):
     consistent (Owen & Zhou 2000); the weights p / r are exact, r(theta) = b(eps) / |det dtheta/deps|.
     """
 
-    def __init__(self, model, context, log_likelihood, log_prior, location, scale_tril, share=DEFENSIVE_SHARE,
-                 degrees=T_DEGREES):
+    def __init__(self, model, context, log_likelihood, log_prior, location, scale_tril, share=None, degrees=None):
         super().__init__(model, context, log_likelihood, log_prior)
         self.location = torch.as_tensor(location, dtype=self.dtype, device=self.device)
         self.scale_tril = torch.as_tensor(scale_tril, dtype=self.dtype, device=self.device)
-        self.share, self.degrees = share, degrees
+        self.share = DEFENSIVE_SHARE if share is None else share
+        self.degrees = T_DEGREES if degrees is None else degrees
         self._round = None  # (size of the round, draws from N(0, I) in it), set by draw
 
     def log_t(self, eps):
@@ -157,7 +158,7 @@ def moment_matched(eps, log_weights):
     location = weights @ eps
     centred = eps - location
     covariance = (weights[:, None] * centred).T @ centred + np.eye(eps.shape[1]) / (1.0 / np.sum(weights**2))
-    return location, np.linalg.cholesky(covariance)
+    return location, SCALE_INFLATION * np.linalg.cholesky(covariance)
 
 
 def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, generator, rng, ess_target=None,
@@ -182,9 +183,17 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
     Returns ``(theta (n_samples, dim), q_draws (<= n_samples, dim), report)``: the corrected draws,
     the flow's own first draws, and a JSON-ready report with ``khat`` (of the pool's raw weights),
     ``is_ess`` (normalised ESS of the smoothed weights), ``ess`` (effective draws), ``draws`` (in the
-    pool), ``distinct``, ``proposal`` ("flow" or "flow + t"), ``vi_is_ess``, ``vi_khat`` and ``vi_elbo``
-    (of the flow's own first draws), ``trustworthy`` (k-hat <= 0.7 and ESS >= target) and ``warning``
-    (None, or one line).
+    pool), ``distinct``, ``proposal`` ("flow" or "flow + t (k adaptations)"), ``vi_is_ess``, ``vi_khat``
+    and ``vi_elbo`` (of the flow's own first draws), ``trustworthy`` and ``warning`` (None, or one line).
+
+    Trustworthy: k-hat <= 0.7, ESS >= target, and, where the proposal was adapted, at least
+    dim (dim + 3) effective draws among the flow's own (twice the numbers of the mean and covariance
+    the adaptation fits). The last rule is measured: an adapted proposal can only refine what the
+    flow's draws found, and on one ridge profile of 50 (signal-to-noise 2260, about 10 effective draws
+    of the flow's 8192) it missed the end of the mass ridge against R's upper bound — 5 % of the
+    posterior — with k-hat 0.56 and ESS 5414: error 0.12, which no weight could reveal (MCMC and the
+    exact reference agree on that profile to 0.02). The rule flags it, and with it, on the default
+    survey, 6 of 50 profiles that were right (all with errors <= 0.05).
     """
     ess_target = min(n_samples, ESS_TARGET) if ess_target is None else ess_target
     first_draws = FIRST_DRAWS if first_draws is None else first_draws
@@ -231,6 +240,10 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
         "vi_elbo": float(np.mean(first_round)) if np.all(np.isfinite(first_round)) else -math.inf,
     }
     problems = []
+    flow_ess, dim = report["vi_is_ess"] * first_round.size, pool_theta.shape[1]
+    if rounds and flow_ess < dim * (dim + 3):
+        problems.append(f"the flow's own draws found too little of the posterior (ESS {flow_ess:.0f} < {dim * (dim + 3)}) "
+                        "for the proposal adapted from them to be relied on")
     if not report["khat"] <= diagnostics.PSIS_KHAT_LIMIT:
         problems.append(f"k-hat {report['khat']:.2f} > {diagnostics.PSIS_KHAT_LIMIT}")
     if ess < ess_target:
