@@ -336,3 +336,28 @@ def test_a_conditioned_posterior_is_a_flow_posterior_that_vi_can_refine(linear_g
     after = vi.evaluate(conditioned, log_likelihood, log_prior, 4000, torch.Generator().manual_seed(2))[1].mean()
     assert after > before - 0.01
     assert all(torch.equal(a, b) for a, b in zip(summary_before, conditioned.posterior.summary.parameters()))
+
+
+def test_the_unconstrained_proposal_weights_use_its_exact_density(linear_gaussian_flow):
+    """log r of the mixture with its t in u, recomputed independently: a q(theta) + (1 - a) t(u) |du/dtheta|,
+    q by the flow's inverse, t by scipy; the base points it returns are the flow's inverse of its draws."""
+    problem, model = linear_gaussian_flow
+    _, data = problem(1, torch.Generator().manual_seed(25))
+    with torch.no_grad():
+        context = model.context(data[0])
+    location, scale_tril = np.array([0.2, -0.1]), np.array([[0.3, 0.0], [0.05, 0.2]])
+    proposal = correction.UnconstrainedProposal(model, context, lambda theta: theta.new_zeros(len(theta)), 0.0,
+                                                location, scale_tril)
+    theta, log_weights, eps = proposal.draw(3000, torch.Generator().manual_seed(26))
+    theta_t = torch.as_tensor(theta)
+    with torch.no_grad():
+        log_q = model.log_prob(theta_t, context).numpy()
+        u, log_du_dtheta = model.box.inverse(theta_t)
+        pulled, _ = model.pull(theta_t, context)
+    t = stats.multivariate_t(loc=location, shape=scale_tril @ scale_tril.T, df=correction.T_DEGREES)
+    share = correction.DEFENSIVE_SHARE
+    expected = np.logaddexp(np.log(share) + log_q, np.log1p(-share) + t.logpdf(u.numpy()) + log_du_dtheta.numpy())
+    np.testing.assert_allclose(-log_weights, expected, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(eps, pulled.numpy(), atol=1e-8)
+    n_flow = int(round(share * 3000))
+    assert np.allclose(np.median(u.numpy()[n_flow:], axis=0), location, atol=0.05)
