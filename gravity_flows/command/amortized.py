@@ -214,7 +214,8 @@ def score_test_set(model, survey, args):
 def _test_report(method, results):
     test = results["test"]
     if not test.get("profiles"):
-        return f"{method} amortized: trained {results['iterations']} steps in {results['train_time_s']:.0f} s; no test profiles"
+        return (f"{method} amortized: trained {results['iterations']} steps in {results['train_time_s']:.0f} s "
+                f"({results['train_cpu_s']:.0f} s of CPU); no test profiles")
     return (f"{method} amortized: {results['iterations']} steps x {results['simulations_per_step']} simulations in "
             f"{results['train_time_s']:.0f} s ({results['train_cpu_s']:.0f} s of CPU)\n"
             f"  {test['profiles']} held-out test profiles: corrected error median {test['median_error']:.4f}, "

@@ -168,7 +168,10 @@ class UnconstrainedProposal(_Mixture):
     barely learned: they hold a few effective draws), its map there says little about the posterior's
     shape, and a t fitted in u, where the posterior of a strong anomaly is close to Gaussian, does
     better than one in the base space (measured: at signal-to-noise above 3000 on the default survey).
-    The flow's density at the t's draws needs its inverse (``AmortizedPosterior.pull``).
+    Only there: on the mass ridge a proposal that covers part of the ridge can reach a higher ESS than
+    one that covers all of it, and a t in u, chosen by its ESS on every profile, left 70 % of the ridge
+    test profiles with error <= 0.05 against 86 % with the base-space t alone (coupling spline, 50
+    profiles). The flow's density at the t's draws needs its inverse (``AmortizedPosterior.pull``).
     """
 
     space = "u"
@@ -235,10 +238,11 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
     The first ``first_draws`` (default :data:`FIRST_DRAWS`) draws are the flow's own (DINGO-IS): their
     weights give the flow's diagnostics. If their effective sample size (of the Pareto-smoothed
     weights) falls short of ``ess_target`` (default: ``n_samples``, at most :data:`ESS_TARGET`) and
-    ``adapt``, an :class:`AdaptedProposal` (t in the base space) and an :class:`UnconstrainedProposal`
-    (t in u) are fitted to the latest kept draws and tried on :data:`ADAPT_DRAWS` draws each; the
-    better is kept, and fitted again (:data:`ADAPT_ROUNDS` times at most), for as long as each round
-    raises the normalised ESS: the best proposal is kept (the flow itself where no
+    ``adapt``, an :class:`AdaptedProposal` (t in the base space) is fitted to the latest kept draws
+    and tried on :data:`ADAPT_DRAWS` draws — and where the flow's own draws held fewer than
+    dim (dim + 3) effective draws, an :class:`UnconstrainedProposal` (t in u) beside it, the better
+    of the two kept — and fitted again (:data:`ADAPT_ROUNDS` times at most), for as long as each
+    round raises the normalised ESS: the best proposal is kept (the flow itself where no
     adaptation beats it, as on a profile whose q is merely a little wide). The pool is then the best
     proposal's round, drawn on in rounds whose size the normalised ESS of the previous ones says the target needs (at least doubling the
     pool, up to ``max_draws``, default :data:`MAX_DRAWS`), and ``n_samples`` are resampled by the
@@ -268,13 +272,17 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
     pool_theta, pool_log_weights, pool_eps = proposal.draw(first_draws, generator)
     flow_theta, first_round = pool_theta, pool_log_weights
     best = diagnostics.importance_ess(pool_log_weights)
+    dim = pool_theta.shape[1]
+    flow_found_enough = best * first_draws >= dim * (dim + 3)
     rounds, spaces = 0, []
     theta, log_weights, eps = pool_theta, pool_log_weights, pool_eps
     while adapt and rounds < ADAPT_ROUNDS and best * pool_log_weights.size < ess_target:
-        # a t in the flow's base space and one in u, both fitted to the latest kept draws: the better is kept
-        candidates = [AdaptedProposal(model, context, log_likelihood, log_prior, *moment_matched(eps, log_weights)),
-                      UnconstrainedProposal(model, context, log_likelihood, log_prior,
-                                            *moment_matched(_unconstrained(model, theta), log_weights))]
+        # a t in the flow's base space, fitted to the latest kept draws; where the flow's own draws found too
+        # little for its map to be a guide, a t in u too, and the better of the two is kept
+        candidates = [AdaptedProposal(model, context, log_likelihood, log_prior, *moment_matched(eps, log_weights))]
+        if not flow_found_enough:
+            candidates.append(UnconstrainedProposal(model, context, log_likelihood, log_prior,
+                                                    *moment_matched(_unconstrained(model, theta), log_weights)))
         tried = [(candidate, candidate.draw(ADAPT_DRAWS, generator)) for candidate in candidates]
         candidate, (theta_new, log_weights_new, eps_new) = max(
             tried, key=lambda pair: diagnostics.importance_ess(pair[1][1]))
@@ -311,8 +319,8 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
         "vi_elbo": float(np.mean(first_round)) if np.all(np.isfinite(first_round)) else -math.inf,
     }
     problems = []
-    flow_ess, dim = report["vi_is_ess"] * first_round.size, pool_theta.shape[1]
-    if rounds and flow_ess < dim * (dim + 3):
+    flow_ess = report["vi_is_ess"] * first_round.size
+    if rounds and not flow_found_enough:
         problems.append(f"the flow's own draws found too little of the posterior (ESS {flow_ess:.0f} < {dim * (dim + 3)}) "
                         "for the proposal adapted from them to be relied on")
     if not report["khat"] <= diagnostics.PSIS_KHAT_LIMIT:
