@@ -128,6 +128,9 @@ def train_run(args, build_layers, device):
     """Train, save, and score on held-out test profiles (module docstring). Returns the exit status."""
     with cli.Timer() as total:
         resolve_defaults(args)
+        if isinstance(args.data, list):
+            raise forward.DataError(f"--amortize takes one --data profile (its stations and sigma define the survey), "
+                                    f"got {len(args.data)}")
         survey = amortized.survey_of(cli.load_problem(args))  # its stations, sigma, box and density; not its data
         out = cli.prepare_output(args.out)
         _remove_stale(out, (output.MODEL_FILE, *output.AMORTIZED_FILES))
@@ -157,9 +160,9 @@ def train_run(args, build_layers, device):
         print(f"wrote {out / 'model.pt'} ({history.size} steps in {train_seconds:.0f} s)", file=sys.stderr)
 
         model = model.double()
-        rows = score_test_set(model, survey, args)
+        rows, scoring_interrupted = score_test_set(model, survey, args)
     plot_amortized(out / "amortized.png", rows, survey.parameters, title=f"{args.method}, amortized",
-                           error_goal=ERROR_GOAL, loss=history)
+                   error_goal=ERROR_GOAL, loss=history)
     results = {**training, "n_parameters": n_parameters, "loss_history_every_100": history[::100].tolist(),
                "test": {"seed": args.seed, **(correction.aggregate(rows, ERROR_GOAL) if rows else {}), "rows": rows}}
     summary = {
@@ -178,11 +181,13 @@ def train_run(args, build_layers, device):
     output.write_json(out / "summary.json", summary)
     print(_test_report(args.method, results), file=sys.stdout)
     print(f"wrote {out}/", file=sys.stderr)
-    return cli.EXIT_INTERRUPTED if stop.interrupted else 0
+    return cli.EXIT_INTERRUPTED if stop.interrupted or scoring_interrupted else 0
 
 
 def score_test_set(model, survey, args):
-    """The held-out test profiles, each applied and scored against its exact reference (rows)."""
+    """The held-out test profiles, each applied and scored against its exact reference: (rows, interrupted).
+
+    A first Ctrl-C stops after the profile in hand; the rows so far are kept."""
     profiles = amortized.simulated_profiles(survey, args.test_profiles, args.seed)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed + TEST_SEED_OFFSET)
     rng = np.random.default_rng([args.seed, amortized.TEST_STREAM + 1])
@@ -200,13 +205,14 @@ def score_test_set(model, survey, args):
             rows.append({"profile": index, **row})
             if stop.interrupted:
                 break
-    return rows
+    return rows, stop.interrupted
 
 
 def _test_report(method, results):
     test = results["test"]
     if not test.get("profiles"):
-        return f"{method} amortized: trained {results['iterations']} steps in {results['train_time_s']:.0f} s; no test profiles"
+        return (f"{method} amortized: trained {results['iterations']} steps in {results['train_time_s']:.0f} s "
+                f"({results['train_cpu_s']:.0f} s of CPU); no test profiles")
     return (f"{method} amortized: {results['iterations']} steps x {results['simulations_per_step']} simulations in "
             f"{results['train_time_s']:.0f} s ({results['train_cpu_s']:.0f} s of CPU)\n"
             f"  {test['profiles']} held-out test profiles: corrected error median {test['median_error']:.4f}, "

@@ -160,26 +160,40 @@ class AmortizedPosterior(nn.Module):
                                            self.lower_index[0], self.lower_index[1]), raw[:, 2 * dim:])
         return location, unit_lower, log_scale
 
-    def log_prob(self, theta, context):
-        """log q(theta | c) for theta (n, dim) inside the box and contexts (n, C) or (1, C)."""
+    def pull(self, theta, context):
+        """eps = T^-1(theta; c), the base points of theta (n, dim) inside the box, and log|det deps/dtheta| (n,);
+        contexts (n, C) or (1, C)."""
         u, log_det_box = self.box.inverse(theta)  # log|du/dtheta|
         location, unit_lower, log_scale = self.affine(context)
         scaled = ((u - location) * torch.exp(-log_scale))[..., None]
         y = torch.linalg.solve_triangular(unit_lower.expand(u.shape[0], -1, -1), scaled, upper=False,
                                           unitriangular=True)[..., 0]
         eps, log_det_flow = self.flow.inverse(y, context, numerical=self.numerical_inverse)
-        log_normal = -0.5 * eps.square().sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
-        return log_normal + log_det_flow - log_scale.sum(-1) + log_det_box
+        return eps, log_det_flow - log_scale.sum(-1) + log_det_box
 
-    def sample(self, n, context, generator=None):
-        """``n`` draws theta (n, dim) of q(theta | c) for one context c (1, C), and their log q (n,)."""
-        eps = torch.randn(n, self.dim, generator=generator, dtype=context.dtype, device=context.device)
-        log_q = -0.5 * eps.square().sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
+    def log_prob(self, theta, context):
+        """log q(theta | c) for theta (n, dim) inside the box and contexts (n, C) or (1, C)."""
+        eps, log_det = self.pull(theta, context)
+        return standard_normal_log_density(eps) + log_det
+
+    def push(self, eps, context):
+        """theta = T(eps; c), the map of base points eps (n, dim) for one context c (1, C), and log|det dtheta/deps| (n,)."""
         y, log_det_flow = self.flow(eps, context)
         location, unit_lower, log_scale = self.affine(context)
         u = location + (y @ unit_lower[0].T) * torch.exp(log_scale)
         theta, log_det_box = self.box(u)
-        return theta, log_q - log_det_flow - log_scale.sum(-1) - log_det_box
+        return theta, log_det_flow + log_scale.sum(-1) + log_det_box
+
+    def sample(self, n, context, generator=None):
+        """``n`` draws theta (n, dim) of q(theta | c) for one context c (1, C), and their log q (n,)."""
+        eps = torch.randn(n, self.dim, generator=generator, dtype=context.dtype, device=context.device)
+        theta, log_det = self.push(eps, context)
+        return theta, standard_normal_log_density(eps) - log_det
+
+
+def standard_normal_log_density(eps):
+    """log N(eps; 0, I) of each row of eps (n, dim)."""
+    return -0.5 * eps.square().sum(-1) - 0.5 * eps.shape[-1] * math.log(2 * math.pi)
 
 
 def build_model(build_layers, options, survey, seed):

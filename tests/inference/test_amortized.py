@@ -262,35 +262,34 @@ def test_a_corrected_posterior_is_trustworthy_only_with_a_small_k_hat_and_enough
     assert np.all(profile.inside(theta))
 
 
-def test_the_defensive_mixture_weights_use_its_exact_density(linear_gaussian_flow):
-    """log r of the mixture's draws, recomputed independently: a q(theta | d) + (1 - a) t(u) |du/dtheta|
-    with scipy's multivariate t; its draws are round(a n) from the flow and the rest from the t."""
+def test_the_adapted_proposal_weights_use_its_exact_density(linear_gaussian_flow):
+    """log r of the adapted proposal's draws, recomputed independently: r(theta) = b(eps) q(theta) / N(eps)
+    with b = a N(0, I) + (1 - a) t by scipy, q by the flow's inverse (log_prob), eps by that inverse too;
+    the first round(a n) base points are the flow's own, the rest the t's."""
     problem, model = linear_gaussian_flow
     _, data = problem(1, torch.Generator().manual_seed(21))
     with torch.no_grad():
         context = model.context(data[0])
     location, scale_tril = np.array([0.3, -0.2]), np.array([[0.4, 0.0], [0.1, 0.3]])
-    mixture = correction.DefensiveMixture(model, context, lambda theta: theta.new_zeros(len(theta)), 0.0, location,
-                                         scale_tril)
-    theta, log_weights = mixture.draw(3000, torch.Generator().manual_seed(22))
+    proposal = correction.AdaptedProposal(model, context, lambda theta: theta.new_zeros(len(theta)), 0.0, location,
+                                          scale_tril)
+    theta, log_weights, eps = proposal.draw(3000, torch.Generator().manual_seed(22))
     assert np.all(np.abs(theta) < LG_HALF_WIDTH)
-    theta_t = torch.as_tensor(theta)
     with torch.no_grad():
-        log_q = model.log_prob(theta_t, context).numpy()
-        u, log_du_dtheta = model.box.inverse(theta_t)
+        log_q = model.log_prob(torch.as_tensor(theta), context).numpy()
     t = stats.multivariate_t(loc=location, shape=scale_tril @ scale_tril.T, df=correction.T_DEGREES)
+    normal = stats.multivariate_normal(np.zeros(2), np.eye(2))
     share = correction.DEFENSIVE_SHARE
-    expected = np.logaddexp(np.log(share) + log_q, np.log1p(-share) + t.logpdf(u.numpy()) + log_du_dtheta.numpy())
-    np.testing.assert_allclose(-log_weights, expected, rtol=1e-9, atol=1e-9)
-    # the first round(a n) draws are the flow's: the t's draws spread about its location in u
+    log_base = np.logaddexp(np.log(share) + normal.logpdf(eps), np.log1p(-share) + t.logpdf(eps))
+    np.testing.assert_allclose(-log_weights, log_base + log_q - normal.logpdf(eps), rtol=1e-8, atol=1e-8)
     n_flow = int(round(share * 3000))
-    from_t = u.numpy()[n_flow:]
-    assert np.allclose(np.median(from_t, axis=0), location, atol=0.05)
+    assert np.allclose(np.median(eps[n_flow:], axis=0), location, atol=0.05)
+    assert np.allclose(np.median(eps[:n_flow], axis=0), 0, atol=0.15)
 
 
 def test_an_adapted_proposal_rescues_a_flow_that_covers_the_posterior_too_widely(linear_gaussian_flow):
     """A flow of the LG problem applied to data far sharper than it learned (the likelihood of 100
-    times more observations): its own draws give a small ESS; the adapted mixture reaches the target
+    times more observations): its own draws give a small ESS; the adapted proposal reaches the target
     with a small k-hat, and the corrected mean is the closed form's."""
     problem, model = linear_gaussian_flow
     truth = torch.tensor([[0.4, -0.3]], dtype=torch.float64)
@@ -337,3 +336,28 @@ def test_a_conditioned_posterior_is_a_flow_posterior_that_vi_can_refine(linear_g
     after = vi.evaluate(conditioned, log_likelihood, log_prior, 4000, torch.Generator().manual_seed(2))[1].mean()
     assert after > before - 0.01
     assert all(torch.equal(a, b) for a, b in zip(summary_before, conditioned.posterior.summary.parameters()))
+
+
+def test_the_unconstrained_proposal_weights_use_its_exact_density(linear_gaussian_flow):
+    """log r of the mixture with its t in u, recomputed independently: a q(theta) + (1 - a) t(u) |du/dtheta|,
+    q by the flow's inverse, t by scipy; the base points it returns are the flow's inverse of its draws."""
+    problem, model = linear_gaussian_flow
+    _, data = problem(1, torch.Generator().manual_seed(25))
+    with torch.no_grad():
+        context = model.context(data[0])
+    location, scale_tril = np.array([0.2, -0.1]), np.array([[0.3, 0.0], [0.05, 0.2]])
+    proposal = correction.UnconstrainedProposal(model, context, lambda theta: theta.new_zeros(len(theta)), 0.0,
+                                                location, scale_tril)
+    theta, log_weights, eps = proposal.draw(3000, torch.Generator().manual_seed(26))
+    theta_t = torch.as_tensor(theta)
+    with torch.no_grad():
+        log_q = model.log_prob(theta_t, context).numpy()
+        u, log_du_dtheta = model.box.inverse(theta_t)
+        pulled, _ = model.pull(theta_t, context)
+    t = stats.multivariate_t(loc=location, shape=scale_tril @ scale_tril.T, df=correction.T_DEGREES)
+    share = correction.DEFENSIVE_SHARE
+    expected = np.logaddexp(np.log(share) + log_q, np.log1p(-share) + t.logpdf(u.numpy()) + log_du_dtheta.numpy())
+    np.testing.assert_allclose(-log_weights, expected, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(eps, pulled.numpy(), atol=1e-8)
+    n_flow = int(round(share * 3000))
+    assert np.allclose(np.median(u.numpy()[n_flow:], axis=0), location, atol=0.05)

@@ -143,12 +143,14 @@ def _refusal_cases(model, profiles, folder):
         "no data": (SCRIPT, ["--model", model], "--model needs --data"),
         "several profiles without a model": (SCRIPT, ["--data", profiles[0], profiles[1], "--iterations", "5"],
                                              "several profiles need --model"),
+        "several profiles to train on": (SCRIPT, ["--amortize", "--data", profiles[0], profiles[1], *TINY],
+                                         "--amortize takes one --data profile"),
     }
 
 
 REFUSALS = ["other stations", "fewer stations", "other sigma column", "other --noise", "other box", "other density",
             "density free", "not a model file", "truncated", "another script", "no data",
-            "several profiles without a model"]
+            "several profiles without a model", "several profiles to train on"]
 
 
 @pytest.mark.parametrize("case", REFUSALS)
