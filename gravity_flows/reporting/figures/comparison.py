@@ -271,6 +271,11 @@ SURVEY_PROFILES = (1, 10_000)
 MCMC_COLOUR = "black"
 
 
+def _seconds(value):
+    """Seconds with three significant digits, never in scientific notation: 0.0123 s, 1.23 s, 1234 s."""
+    return f"{value:.0f} s" if value >= 100 else f"{value:.3g} s"
+
+
 def plot_cost_vs_survey(path, flows, mcmc, error_goal=None, title=""):
     """When an amortized flow takes MCMC's place: total time against the number of profiles, and the errors.
 
@@ -296,8 +301,8 @@ def plot_cost_vs_survey(path, flows, mcmc, error_goal=None, title=""):
         if train is None or per_profile is None:
             continue
         total = train + n * per_profile
-        left.plot(n, total, color=colour, lw=1.8, label=f"{flow['label']}: {train:.0f} s training + "
-                                                        f"{per_profile:.2f} s per profile")
+        left.plot(n, total, color=colour, lw=1.8, label=f"{flow['label']}: {_seconds(train)} training + "
+                                                        f"{_seconds(per_profile)} per profile")
         shown += [total.min(), total.max()]
         crossing = flow.get("break_even")
         if crossing is not None and crossing <= SURVEY_PROFILES[1]:
@@ -308,11 +313,11 @@ def plot_cost_vs_survey(path, flows, mcmc, error_goal=None, title=""):
     if mcmc.get("time_s") is not None:
         total = n * mcmc["time_s"]
         left.plot(n, total, color=MCMC_COLOUR, lw=2.4, ls="--",
-                  label=f"MCMC on every profile: {mcmc['time_s']:.2f} s per profile")
+                  label=f"MCMC on every profile: {_seconds(mcmc['time_s'])} per profile")
         shown += [total.min(), total.max()]
     else:
-        left.text(0.5, 0.92, f"MCMC did not reach error {error_goal:g}: no break-even", transform=left.transAxes,
-                  ha="center", color="0.3")
+        left.text(0.97, 0.04, f"MCMC did not reach error {error_goal:g}: no break-even", transform=left.transAxes,
+                  ha="right", color="0.3")
     left.plot([], [], marker="o", ls="none", color="0.5", mec="black", label="break-even: profiles from which the flow is cheaper")
     left.set_xscale("log")
     _plain_log_axis(left, n, axis="x")
