@@ -587,6 +587,7 @@ def score_models(method, args, survey, models, folder):
     script = _script(method)
     source = Path(models) / method
     trained = json.loads((source / "summary.json").read_text())
+    folder = cli.prepare_output(folder)
     argv = [*common_argv(args), "--model", str(source / "model.pt"), "--out", str(folder)]
     quick = QUICK_AMORTIZED if args.quick else {}
     test_profiles = args.test_profiles or quick.get("test_profiles") or trained["amortized"]["test"].get("profiles")
@@ -598,10 +599,17 @@ def score_models(method, args, survey, models, folder):
     results = {**trained["amortized"], "test": {"seed": args.seed, **(correction.aggregate(rows) if rows else {}),
                                                 "rows": rows}}
     summary = {**trained, "mode": "scored", "models_from": str(source.resolve()), "amortized": results}
-    folder = cli.prepare_output(folder)
     output.write_json(folder / "summary.json", summary)
     return {"method": method, "status": cli.EXIT_INTERRUPTED if interrupted else 0, "note": "", "summary": summary,
             "theta": None}
+
+
+def check_models(models, flows):
+    """DataError, before anything is written, unless every flow has its model and summary in ``models``."""
+    for method in flows:
+        source = Path(models) / method
+        if not ((source / "summary.json").is_file() and (source / "model.pt").is_file()):
+            raise DataError(f"--models {models}: no {source}/model.pt and summary.json (made by compare.py --amortized)")
 
 
 def test_profile_key(summary):
@@ -741,10 +749,12 @@ def compare_amortized(args, started):
     on the first --mcmc-profiles of them, the table and cost_vs_survey.png. Returns the exit status."""
     problem = cli.load_problem(args)
     survey = amortized.survey_of(problem)
-    out = cli.prepare_output(args.out)
     flows = [method for method in args.methods if method != "MCMC"]
     if not flows:
         raise DataError("--amortized needs at least one flow in --methods")
+    if args.models:
+        check_models(args.models, flows)
+    out = cli.prepare_output(args.out)
     runs = []
     for k, method in enumerate(flows):
         folder = out / method

@@ -189,3 +189,10 @@ def test_the_goals_take_the_best_of_the_accurate_flows():
     assert (passed, checked) == (1, 3) and "no flow" in lines[0]
     _, passed, checked = compare.amortized_goals(rows, 1.0, 60.0, ridge=False)
     assert (passed, checked) == (1, 2)
+
+
+def test_models_without_a_trained_model_is_one_line(tmp_path, profile_csv):
+    with pytest.raises(DataError, match="no .*coupling_Affine/model.pt"):
+        compare.main(["--amortized", "--models", str(tmp_path / "empty"), "--methods", "coupling_Affine",
+                      "--data", str(profile_csv), "--out", str(tmp_path / "out"), "--quiet"])
+    assert not (tmp_path / "out").exists()  # refused before anything is written
