@@ -711,11 +711,11 @@ def amortized_goals(rows, mcmc_seconds, total_seconds, ridge):
     flows = [row for row in rows if row.get("median_error") is not None and row["method"] != "MCMC"]
     passed, checked, lines = 0, 0, []
     flows = [row for row in flows if row["median_error"] <= ERROR_GOAL]
-    text, ok = _judge(total_seconds, AMORTIZED_TOTAL_TIME_GOAL_S, "{:.0f}", " s")
+    text, total_ok = _judge(total_seconds, AMORTIZED_TOTAL_TIME_GOAL_S, "{:.0f}", " s")
     total_line = f"- the whole comparison, training included: {text}"
     if not flows:
         return [f"- no flow's median corrected error is ≤ {ERROR_GOAL:g}: no flow takes MCMC's place; break-even "
-                "and posterior-time goals FAIL", total_line], int(ok), 3 if ridge else 2
+                "and posterior-time goals FAIL", total_line], int(total_ok), 3 if ridge else 2
     even = [row for row in flows if row.get("break_even_profiles") is not None]
     best = (min(even, key=lambda row: row["break_even_profiles"]) if even
             else min(flows, key=lambda row: row["median_error"]))
@@ -739,7 +739,7 @@ def amortized_goals(rows, mcmc_seconds, total_seconds, ridge):
         passed, checked = passed + ok, checked + 1
         lines.append(f"- the best flow's posterior per profile {best['posterior_time_s']:.3f} s against MCMC's "
                      f"{mcmc_seconds:.3f} s: {share:.2f}× ≤ {POSTERIOR_TIME_SHARE_GOAL:g}× {'PASS' if ok else 'FAIL'}")
-    passed, checked = passed + ok, checked + 1
+    passed, checked = passed + total_ok, checked + 1
     lines.append(total_line)
     return lines, passed, checked
 

@@ -189,6 +189,12 @@ def test_the_goals_take_the_best_of_the_accurate_flows():
     assert (passed, checked) == (1, 3) and "no flow" in lines[0]
     _, passed, checked = compare.amortized_goals(rows, 1.0, 60.0, ridge=False)
     assert (passed, checked) == (1, 2)
+    rows[1]["median_error"] = 0.03  # the default problem: no break-even goal; a posterior too slow fails alone
+    rows[1]["posterior_time_s"] = 0.2
+    lines, passed, checked = compare.amortized_goals(rows, 1.0, 60.0, ridge=False)
+    assert (passed, checked) == (1, 2) and "FAIL" in lines[1] and "PASS" in lines[2]
+    lines, passed, checked = compare.amortized_goals(rows, 1.0, 3600.0, ridge=False)
+    assert (passed, checked) == (0, 2)
 
 
 def test_models_without_a_trained_model_is_one_line(tmp_path, profile_csv):
