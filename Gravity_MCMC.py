@@ -497,8 +497,11 @@ def thin(kept, n):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     with cli.Timer() as total:
-        problem, out, laplace, reference = cli.setup_run(args, check=lambda problem: cli.check_start(args.start, problem))
-        chosen = choose_start(args.init, problem, laplace)
+        timing = {}
+        problem, out, laplace, reference = cli.setup_run(args, check=lambda problem: cli.check_start(args.start, problem),
+                                                         timing=timing)
+        with cli.Timer() as choosing:
+            chosen = choose_start(args.init, problem, laplace)
         key = defaults_key(args, chosen, problem)
         resolve_defaults(args, key)
         coordinates = SamplingCoordinates(problem, args.coordinates)
@@ -544,6 +547,7 @@ def main(argv=None):
         theta = thin(kept, args.samples)
         results = {
             "start": {**chosen.summary(), "chains": where, "run": key},
+            "setup_time_s": cli.setup_seconds(timing, laplace, choosing.seconds),
             "coordinates": {"kind": coordinates.kind, "names": list(coordinates.names)},
             "iterations": int(kept.shape[0]),
             "burn_in": int(burn_in),

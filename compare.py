@@ -18,18 +18,54 @@ against affine coupling study:
   python compare.py --methods coupling_Affine,coupling_NSF --iterations 1500 --init prior
 
 --sweep NAME=V1,V2,... repeats the comparison for each value of one of these options (see sweep.py).
+
+When does a flow take MCMC's place? ``--amortized`` answers for a survey of many profiles:
+
+  python compare.py --amortized [--density-bounds LO HI] [problem options] --out DIR
+
+Each chosen flow (--methods; default all six) runs its script's ``--amortize`` in this process with the
+same settings (--iterations, --simulations, --test-profiles, --seed, --samples and the problem options;
+the scripts' own defaults where not given) into DIR/<method>/ (model.pt, summary.json, amortized.png),
+one progress line per flow. Every flow is scored on the same held-out test profiles (drawn from the
+seed alone; checked). Then the default MCMC runs on the first --mcmc-profiles (10) of them, each written
+as DIR/mcmc/profile_XX.csv (forward.write_profile: it reads back bit for bit) and run into
+DIR/mcmc/profile_XX/ with checkpoints, scored against the same exact reference; its time per profile is
+its setup (data, MAP/Laplace, the start's choice: summary.json's setup_time_s) plus its sampling time to
+error 0.05 (convergence.cost_to_reach). DIR/ then gets:
+
+  table.md, table.csv   per flow: train_time_s, median_error, p90_error, share_error_le_0.05,
+                        share_khat_le_0.7, posterior_time_s (median per profile), mcmc_time_s (median of
+                        MCMC's time to error 0.05, setup included), break_even_profiles =
+                        ceil(train_time_s / (mcmc_time_s - posterior_time_s)) (empty where never),
+                        share_trustworthy, silent_failures, median_vi_error; a row for MCMC (its final
+                        errors, its time); table.md checks issue 21's goals (PASS/FAIL);
+  cost_vs_survey.png    total time against the number of profiles, 1 to 10 000, log-log (each flow's
+                        training plus n posteriors, MCMC's n runs, the break-evens marked), and every
+                        flow's test-set errors side by side with MCMC's.
+
+--models DIR0 scores the models of an earlier --amortized run (DIR0/<method>/model.pt) on the same
+test profiles instead of training them, keeping their train_time_s. With --amortized, --quick is a
+smoke run of every code path: 30 steps of 16 simulations, 3 test profiles, MCMC on 2 with short chains.
 """
 
+import argparse
 import importlib
+import json
+import math
 import statistics
 import sys
 import time
 import traceback
+from pathlib import Path
+
+import numpy as np
 
 import forward
+from gravity_flows.command import amortized as amortized_command
 from gravity_flows.command import cli, runner, sweep
-from gravity_flows.inference import refine, start
-from gravity_flows.reporting import figures
+from gravity_flows.command import flow as flow_command
+from gravity_flows.inference import amortized, correction, model_file, refine, start
+from gravity_flows.reporting import figures, output
 from gravity_flows.scoring import convergence
 from forward import DataError
 
@@ -75,6 +111,31 @@ FLOW_TIME_RATIO_GOAL = 0.5
 #: The table column with each method's seconds to reach error 0.05 (convergence.cost_to_reach).
 TIME_TO_LEVEL = "time_to_error_0.05_s"
 
+#: --amortized: MCMC on this many of the test profiles; its --quick settings (a tiny model, short chains).
+MCMC_PROFILES = 10
+QUICK_AMORTIZED = {"iterations": 30, "simulations": 16, "test_profiles": 3, "mcmc_profiles": 2}
+#: The goals of the amortized comparison (issue 21): on the ridge the best flow cheaper than MCMC from at
+#: most this many profiles; everywhere its posterior in at most this share of MCMC's time per profile; the
+#: whole comparison, training included, within this many seconds.
+BREAK_EVEN_GOAL = 200
+POSTERIOR_TIME_SHARE_GOAL = 0.1
+AMORTIZED_TOTAL_TIME_GOAL_S = 45 * 60.0
+#: (key, markdown header, format) of the amortized table; the CSV headers are the keys (checks read them).
+AMORTIZED_COLUMNS = (
+    ("method", "method", "{}"),
+    ("train_time_s", "training (s)", "{:.1f}"),
+    ("median_error", "median error", "{:.4f}"),
+    ("p90_error", "90th pct error", "{:.4f}"),
+    ("share_error_le_0.05", "share error ≤ 0.05", "{:.2f}"),
+    ("share_khat_le_0.7", "share k-hat ≤ 0.7", "{:.2f}"),
+    ("posterior_time_s", "posterior per profile (s)", "{:.3f}"),
+    ("mcmc_time_s", "MCMC per profile (s)", "{:.3f}"),
+    ("break_even_profiles", "break-even (profiles)", "{:d}"),
+    ("share_trustworthy", "share trustworthy", "{:.2f}"),
+    ("silent_failures", "silent failures", "{:d}"),
+    ("median_vi_error", "flow alone, median error", "{:.3f}"),
+)
+
 
 def build_parser():
     parser = cli.common_parser(__doc__, "compare", default_samples=10_000)
@@ -95,12 +156,32 @@ def build_parser():
                             "after (default: %(default)s)")
     group.add_argument("--no-cost-ratio", action="store_true",
                        help="skip timing each flow's training iteration against the bare flow (saves about 20 s)")
+    group = parser.add_argument_group("amortized comparison (--amortized: when does a flow take MCMC's place?)")
+    group.add_argument("--amortized", action="store_true",
+                       help="amortize every chosen flow (--amortize, the same settings for all) and score it on the "
+                            "same held-out test profiles; MCMC on the first --mcmc-profiles of them; the table of "
+                            "break-even survey sizes and cost_vs_survey.png")
+    group.add_argument("--simulations", type=cli.positive_int, metavar="N",
+                       help="with --amortized: fresh simulations per training step (default: the scripts' own)")
+    group.add_argument("--test-profiles", type=cli.positive_int, metavar="N",
+                       help="with --amortized: held-out test profiles (default: the scripts' own)")
+    group.add_argument("--mcmc-profiles", type=cli.nonnegative_int, metavar="N",
+                       help=f"with --amortized: MCMC on the first N test profiles (default: {MCMC_PROFILES}; "
+                            f"--quick {QUICK_AMORTIZED['mcmc_profiles']})")
+    group.add_argument("--models", metavar="DIR",
+                       help="with --amortized: score the models DIR/<method>/model.pt trained by an earlier "
+                            "--amortized run instead of training (their train_time_s from DIR/<method>/summary.json)")
     return parser
 
 
 def parse_args(argv):
     args = build_parser().parse_args(argv)
     args.methods = _methods(args.methods)
+    if not args.amortized:
+        given = [f"--{name.replace('_', '-')}" for name in ("simulations", "test_profiles", "mcmc_profiles", "models")
+                 if getattr(args, name) is not None]
+        if given:
+            raise DataError(f"{', '.join(given)} only with --amortized")
     return args
 
 
@@ -141,10 +222,8 @@ def method_argv(args, method, folder):
             + ["--device", args.device, "--refine", args.refine])
 
 
-def run_method(method, argv, folder):
-    """Run one method's script in this process. Returns a dict: status, note, summary and theta (None if it failed)."""
-    folder = cli.prepare_output(folder)
-    started = time.time()
+def call_script(method, argv):
+    """Run ``method``'s script's ``main(argv)`` in this process: (exit status, a note on a failure)."""
     note = ""
     try:
         status = _script(method).main(argv) or 0
@@ -155,6 +234,14 @@ def run_method(method, argv, folder):
     except Exception as error:  # a bug in one method must not lose the others' results
         traceback.print_exc()
         status, note = 1, f"{type(error).__name__}: {error}"
+    return status, note
+
+
+def run_method(method, argv, folder):
+    """Run one method's script in this process. Returns a dict: status, note, summary and theta (None if it failed)."""
+    folder = cli.prepare_output(folder)
+    started = time.time()
+    status, note = call_script(method, argv)
     loaded = sweep.load_run(folder, written_since=started) if status in (0, cli.EXIT_INTERRUPTED) else None
     if loaded is None and status == 0:
         status, note = 1, "it wrote no summary.json"
@@ -357,6 +444,8 @@ def flow_against_mcmc(reach, ridge):
 def main(argv=None):
     started = time.perf_counter()
     args = parse_args(argv)
+    if args.amortized:
+        return compare_amortized(args, started)
     problem, out, laplace, reference = cli.setup_run(args)
 
     runs = []
@@ -462,6 +551,300 @@ def main(argv=None):
           f"{total:.0f} s in all; wrote {out}/", file=sys.stderr)
     failed = [run["status"] for run in runs if run["status"]]
     return failed[0] if failed else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# --amortized: the six flows amortized, against MCMC per profile (issue 21)
+
+
+def amortize_argv(args, folder):
+    """The command line of a flow script's ``--amortize`` run: the options every flow gets alike."""
+    quick = QUICK_AMORTIZED if args.quick else {}
+    argv = ["--amortize", *common_argv(args), "--out", str(folder), "--device", args.device]
+    for name in ("iterations", "simulations", "test_profiles"):
+        value = getattr(args, name) or quick.get(name)
+        argv += [f"--{name.replace('_', '-')}", str(value)] if value else []
+    return argv + (["--quiet"] if args.quiet else [])
+
+
+def run_amortized(method, args, folder):
+    """Train and score one flow's model in this process (its script's ``--amortize``): run_method's dict,
+    its summary the training's summary.json (no samples.npz: read it here)."""
+    folder = cli.prepare_output(folder)
+    started = time.time()
+    status, note = call_script(method, amortize_argv(args, folder))
+    path, summary = folder / "summary.json", None
+    if status in (0, cli.EXIT_INTERRUPTED) and path.exists() and path.stat().st_mtime >= started - 1.0:
+        summary = json.loads(path.read_text())
+    elif status == 0:
+        status, note = 1, "it wrote no summary.json"
+    return {"method": method, "status": status, "note": note, "summary": summary, "theta": None}
+
+
+def score_models(method, args, survey, models, folder):
+    """Score an earlier run's model ``models/<method>/model.pt`` on this run's test profiles, without
+    training: run_method's dict, with the earlier summary's training numbers and this run's test set."""
+    script = _script(method)
+    source = Path(models) / method
+    trained = json.loads((source / "summary.json").read_text())
+    folder = cli.prepare_output(folder)
+    argv = [*common_argv(args), "--model", str(source / "model.pt"), "--out", str(folder)]
+    quick = QUICK_AMORTIZED if args.quick else {}
+    test_profiles = args.test_profiles or quick.get("test_profiles") or trained["amortized"]["test"].get("profiles")
+    model_args = script.build_parser().parse_args(argv + ["--test-profiles", str(test_profiles)]
+                                                  + (["--quiet"] if args.quiet else []))
+    record, model = amortized_command.load_model(model_args, script.build_layers, flow_command.device_for(args.device))
+    model_file.check_profile(record, survey, model_args.model, "this comparison's survey")
+    rows, interrupted = amortized_command.score_test_set(model, survey, model_args)
+    results = {**trained["amortized"], "test": {"seed": args.seed, **(correction.aggregate(rows) if rows else {}),
+                                                "rows": rows}}
+    summary = {**trained, "mode": "scored", "models_from": str(source.resolve()), "amortized": results}
+    output.write_json(folder / "summary.json", summary)
+    return {"method": method, "status": cli.EXIT_INTERRUPTED if interrupted else 0, "note": "", "summary": summary,
+            "theta": None}
+
+
+def check_models(models, flows):
+    """DataError, before anything is written, unless every flow has its model and summary in ``models``."""
+    for method in flows:
+        source = Path(models) / method
+        if not ((source / "summary.json").is_file() and (source / "model.pt").is_file()):
+            raise DataError(f"--models {models}: no {source}/model.pt and summary.json (made by compare.py --amortized)")
+
+
+def test_profile_key(summary):
+    """What identifies the test set a model was scored on: (profile index, truth) of every row."""
+    return [(row["profile"], row["truth"]) for row in summary["amortized"]["test"]["rows"]]
+
+
+def mcmc_on_profiles(args, survey, indices, folder):
+    """The default MCMC on test profiles ``indices`` (the same draws as every flow's test set), each
+    written as ``folder/profile_XX.csv`` and run into ``folder/profile_XX/`` with checkpoints. Returns one
+    dict per profile: profile, status, error (final), time_s (its setup plus its time to error 0.05;
+    None: never reached), summary."""
+    if not indices:
+        return []
+    profiles = amortized.simulated_profiles(survey, max(indices) + 1, args.seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    results = []
+    for k, index in enumerate(indices):
+        profile = profiles[index]
+        path = forward.write_profile(folder / f"profile_{index:02d}.csv", profile.stations, profile.g_obs,
+                                     profile.noise_sd_array)
+        stations, g_obs, sigma = forward.read_profile(path)
+        if not (np.array_equal(stations, profile.stations) and np.array_equal(g_obs, profile.g_obs)
+                and np.array_equal(sigma, profile.noise_sd_array)):
+            raise RuntimeError(f"{path} does not read back as the test profile it was written from")
+        run_folder = folder / path.stem
+        argv = [*common_argv(argparse.Namespace(**{**vars(args), "data": str(path)})), "--out", str(run_folder),
+                "--checkpoints", str(args.checkpoints or CHECKPOINTS)]
+        argv += (list(QUICK_MCMC) if args.quick else []) + (["--quiet"] if args.quiet else [])
+        run = run_method("MCMC", argv, run_folder)
+        summary = run["summary"]
+        seconds = None
+        if summary is not None:
+            to_level, _ = convergence.cost_to_reach(summary.get("convergence") or [])
+            seconds = None if to_level is None else summary["setup_time_s"] + to_level
+        results.append({"profile": index, "status": _status_text(run), "summary": summary, "time_s": seconds,
+                        "error": None if summary is None else summary["error"]})
+        reached = "never reached" if seconds is None else f"{seconds:.2f} s to"
+        print(f"compare: MCMC [{k + 1}/{len(indices)}] test profile {index}: "
+              + (f"error {summary['error']:.4f}, {reached} error {ERROR_GOAL:g} (setup included)"
+                 if summary is not None else _status_text(run)), file=sys.stderr, flush=True)
+        if run["status"] == cli.EXIT_INTERRUPTED:
+            break
+    return results
+
+
+def median_or_none(values):
+    """The median of ``values`` where None counts as infinitely large (never reached); None if that median is."""
+    values = [math.inf if value is None else value for value in values]
+    if not values:
+        return None
+    middle = float(np.median(values))
+    return middle if math.isfinite(middle) else None
+
+
+def break_even(train_seconds, posterior_seconds, mcmc_seconds):
+    """Profiles from which training once and applying is cheaper than MCMC on each:
+    ceil(train / (mcmc - posterior)); None where never (MCMC no slower per profile, or a number missing)."""
+    if None in (train_seconds, posterior_seconds, mcmc_seconds) or mcmc_seconds <= posterior_seconds:
+        return None
+    return max(1, math.ceil(train_seconds / (mcmc_seconds - posterior_seconds)))
+
+
+def amortized_row(run, mcmc_seconds):
+    """The table row of one flow's amortized run (AMORTIZED_COLUMNS)."""
+    row = {"method": run["method"], "status": _status_text(run)}
+    test = ((run["summary"] or {}).get("amortized") or {}).get("test") or {}
+    if not test.get("profiles"):
+        return row
+    training = run["summary"]["amortized"]
+    row.update(train_time_s=training["train_time_s"], posterior_time_s=test["median_posterior_time_s"],
+               mcmc_time_s=mcmc_seconds,
+               **{key: test[key] for key in ("median_error", "p90_error", f"share_error_le_{ERROR_GOAL}",
+                                              "share_khat_le_0.7", "share_trustworthy", "silent_failures",
+                                              "median_vi_error")})
+    row["break_even_profiles"] = break_even(row["train_time_s"], row["posterior_time_s"], mcmc_seconds)
+    return row
+
+
+def mcmc_row(mcmc_runs, mcmc_seconds):
+    """MCMC's own row: its final errors on its profiles, and its median time to error 0.05 (setup included)."""
+    errors = np.array([run["error"] for run in mcmc_runs if run["error"] is not None])
+    row = {"method": "MCMC", "mcmc_time_s": mcmc_seconds}
+    if errors.size:
+        row.update(median_error=float(np.median(errors)), p90_error=float(np.percentile(errors, 90)),
+                   **{f"share_error_le_{ERROR_GOAL}": float(np.mean(errors <= ERROR_GOAL))})
+    return row
+
+
+def amortized_goals(rows, mcmc_seconds, total_seconds, ridge):
+    """The goals of issue 21 as lines, and (passed, checked): the best flow breaks even within
+    BREAK_EVEN_GOAL profiles on the ridge, its posterior takes at most POSTERIOR_TIME_SHARE_GOAL of MCMC's
+    time per profile, the whole run within AMORTIZED_TOTAL_TIME_GOAL_S.
+
+    The best flow: among the flows as accurate as MCMC is timed at (median corrected error <= ERROR_GOAL),
+    the one with the fewest break-even profiles (the lowest median error where none breaks even); a
+    flow that is cheaper but wrong is no replacement, so with no accurate flow the first two goals FAIL."""
+    flows = [row for row in rows if row.get("median_error") is not None and row["method"] != "MCMC"]
+    passed, checked, lines = 0, 0, []
+    flows = [row for row in flows if row["median_error"] <= ERROR_GOAL]
+    text, total_ok = _judge(total_seconds, AMORTIZED_TOTAL_TIME_GOAL_S, "{:.0f}", " s")
+    total_line = f"- the whole comparison, training included: {text}"
+    if not flows:
+        return [f"- no flow's median corrected error is ≤ {ERROR_GOAL:g}: no flow takes MCMC's place; break-even "
+                "and posterior-time goals FAIL", total_line], int(total_ok), 3 if ridge else 2
+    even = [row for row in flows if row.get("break_even_profiles") is not None]
+    best = (min(even, key=lambda row: row["break_even_profiles"]) if even
+            else min(flows, key=lambda row: row["median_error"]))
+    crossing = best.get("break_even_profiles")
+    if ridge:
+        ok = crossing is not None and crossing <= BREAK_EVEN_GOAL
+        passed, checked = passed + ok, checked + 1
+        lines.append(f"- the best flow ({best['method']}) cheaper than MCMC on every profile from "
+                     + ("no survey size (it never breaks even)" if crossing is None else f"{crossing} profiles")
+                     + f" on: ≤ {BREAK_EVEN_GOAL} {'PASS' if ok else 'FAIL'}")
+    else:
+        lines.append(f"- the best flow ({best['method']}) breaks even at "
+                     + ("no survey size" if crossing is None else f"{crossing} profiles")
+                     + f" (the ≤ {BREAK_EVEN_GOAL} goal is set for the ridge, `--density-bounds`)")
+    if mcmc_seconds is None:
+        lines.append(f"- posterior time against MCMC's: FAIL (MCMC's median profile never reached error {ERROR_GOAL:g})")
+        checked += 1
+    else:
+        share = best["posterior_time_s"] / mcmc_seconds
+        ok = share <= POSTERIOR_TIME_SHARE_GOAL
+        passed, checked = passed + ok, checked + 1
+        lines.append(f"- the best flow's posterior per profile {best['posterior_time_s']:.3f} s against MCMC's "
+                     f"{mcmc_seconds:.3f} s: {share:.2f}× ≤ {POSTERIOR_TIME_SHARE_GOAL:g}× {'PASS' if ok else 'FAIL'}")
+    passed, checked = passed + total_ok, checked + 1
+    lines.append(total_line)
+    return lines, passed, checked
+
+
+def compare_amortized(args, started):
+    """``--amortized`` (module docstring): every flow amortized and scored on the same test profiles, MCMC
+    on the first --mcmc-profiles of them, the table and cost_vs_survey.png. Returns the exit status."""
+    problem = cli.load_problem(args)
+    survey = amortized.survey_of(problem)
+    flows = [method for method in args.methods if method != "MCMC"]
+    if not flows:
+        raise DataError("--amortized needs at least one flow in --methods")
+    if args.models:
+        check_models(args.models, flows)
+    out = cli.prepare_output(args.out)
+    runs = []
+    for k, method in enumerate(flows):
+        folder = out / method
+        what = f"scoring {Path(args.models) / method}/model.pt" if args.models else "amortizing"
+        print(f"compare: [{k + 1}/{len(flows)}] {what} {method} ({WHAT[method]}) -> {folder}/", file=sys.stderr, flush=True)
+        if args.models:
+            run = score_models(method, args, survey, args.models, folder)
+        else:
+            run = run_amortized(method, args, folder)
+        runs.append(run)
+        test = ((run["summary"] or {}).get("amortized") or {}).get("test") or {}
+        if test.get("profiles"):
+            print(f"compare:   {method}: trained in {run['summary']['amortized']['train_time_s']:.1f} s; "
+                  f"{test['profiles']} test profiles, median error {test['median_error']:.4f}, "
+                  f"{100 * test[f'share_error_le_{ERROR_GOAL}']:.0f} % ≤ {ERROR_GOAL:g}", file=sys.stderr, flush=True)
+        else:
+            print(f"compare:   {method}: {_status_text(run)}", file=sys.stderr, flush=True)
+        if run["status"] == cli.EXIT_INTERRUPTED:
+            print("compare: interrupted; writing the table of the methods done", file=sys.stderr)
+            break
+    scored = [run for run in runs if ((run["summary"] or {}).get("amortized") or {}).get("test", {}).get("profiles")]
+    key = test_profile_key(scored[0]["summary"]) if scored else []
+    if scored:
+        for run in scored[1:]:
+            if test_profile_key(run["summary"]) != key:  # a different seed, count or survey: nothing to compare
+                raise RuntimeError(f"{run['method']} was scored on other test profiles than {scored[0]['method']}")
+    interrupted = any(run["status"] == cli.EXIT_INTERRUPTED for run in runs)
+    mcmc_profiles = args.mcmc_profiles if args.mcmc_profiles is not None else (
+        QUICK_AMORTIZED["mcmc_profiles"] if args.quick else MCMC_PROFILES)
+    indices = [index for index, _ in key][:mcmc_profiles] if not interrupted else []
+    if indices:
+        print(f"compare: MCMC (default settings) on the first {len(indices)} test profiles -> {out / 'mcmc'}/",
+              file=sys.stderr, flush=True)
+    mcmc_runs = mcmc_on_profiles(args, survey, indices, out / "mcmc")
+    mcmc_seconds = median_or_none([run["time_s"] for run in mcmc_runs if run["summary"] is not None])
+
+    rows = [amortized_row(run, mcmc_seconds) for run in runs] + ([mcmc_row(mcmc_runs, mcmc_seconds)] if mcmc_runs else [])
+    title = (f"amortized ({'quick smoke run, ' if args.quick else ''}seed {args.seed}"
+             + (", density free" if problem.free_density else "") + ")")
+    errors_of = {run["method"]: [row["error"] for row in run["summary"]["amortized"]["test"]["rows"]] for run in scored}
+    figures.plot_cost_vs_survey(
+        out / "cost_vs_survey.png",
+        [{"label": row["method"], "train_time_s": row.get("train_time_s"), "posterior_time_s": row.get("posterior_time_s"),
+          "break_even": row.get("break_even_profiles"), "errors": errors_of.get(row["method"], [])}
+         for row in rows if row["method"] != "MCMC"],
+        {"time_s": mcmc_seconds, "errors": [run["error"] for run in mcmc_runs if run["error"] is not None]},
+        error_goal=ERROR_GOAL, title=title)
+
+    total = time.perf_counter() - started
+    goal_lines, passed, checked = amortized_goals(rows, mcmc_seconds, total, problem.free_density)
+    settings = scored[0]["summary"]["amortized"] if scored else {}
+    reached = sum(run["time_s"] is not None for run in mcmc_runs)
+    notes = [
+        "Every flow: `python Gravity_<flow>.py " + " ".join(amortize_argv(args, "DIR/<flow>")) + "`"
+        + (f" (models from `{args.models}`, scored here, not trained)" if args.models else "")
+        + (f": {settings.get('iterations')} steps × {settings.get('simulations_per_step')} fresh simulations"
+           if settings else "") + f"; {len(key)} held-out test profiles, the same for every flow.",
+        f"MCMC: the default MCMC (`python Gravity_MCMC.py --data DIR/mcmc/profile_XX.csv --checkpoints "
+        f"{args.checkpoints or CHECKPOINTS}`" + (", --quick chains" if args.quick else "") + f") on the first "
+        f"{len(mcmc_runs)} test profiles, written as CSV; it reached error {ERROR_GOAL:g} on {reached} of them.",
+        "",
+        f"- error: the largest, over {', '.join(problem.names)}, Wasserstein-1 distance between the importance-corrected "
+        "draws and the profile's exact posterior, in posterior sd (MCMC: its final draws, against the same exact "
+        "reference); median and 90th percentile over the test profiles; flow alone: before the correction.",
+        "- trustworthy: k-hat ≤ 0.7 and the effective sample size reached its target; silent failures: error > "
+        f"{2 * ERROR_GOAL:g} yet trustworthy.",
+        "- training (s): the training loop's wall time; posterior per profile: median seconds from a profile's data "
+        "to its corrected draws.",
+        f"- MCMC per profile: median over its profiles of its setup (data, MAP/Laplace, the start's choice) plus its "
+        f"sampling time until its error stayed ≤ {ERROR_GOAL:g} (checkpoints); a profile that never got there counts "
+        "as slower than any other.",
+        "- break-even: ⌈training / (MCMC per profile − posterior per profile)⌉, the survey size from which training "
+        "once and applying the model is cheaper than MCMC on every profile; empty where never. It counts time only: "
+        "read it beside the flow's errors (the goals take the best flow among those with median error ≤ "
+        f"{ERROR_GOAL:g}).",
+    ]
+    failed = [row for row in rows if row.get("status", "ok") != "ok"]
+    notes += [f"- {row['method']}: {row['status']}" for row in failed]
+    notes += ["", f"## Goals: {passed} of {checked} PASS", "",
+              "The goals (issue 21): on the ridge the best flow (median error ≤ 0.05) breaks even within "
+              f"{BREAK_EVEN_GOAL} profiles; its posterior per profile within {POSTERIOR_TIME_SHARE_GOAL:g}× MCMC's time "
+              "to error 0.05 on both problems; the whole comparison within 45 minutes."
+              + (" This is a quick smoke run: its FAILs say nothing about the methods." if args.quick else ""),
+              "", *goal_lines]
+    text = sweep.write_tables(out, AMORTIZED_COLUMNS, rows, f"When a flow takes MCMC's place: {title}", "\n".join(notes))
+    print(text)
+    print(f"compare: {len(scored)} of {len(flows)} flows scored, MCMC on {len(mcmc_runs)} profiles; goals {passed} of "
+          f"{checked} PASS; {total:.0f} s in all; wrote {out}/", file=sys.stderr)
+    statuses = [run["status"] for run in runs if run["status"]]
+    return statuses[0] if statuses else 0
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -311,6 +312,18 @@ def read_profile(path):
         raise DataError(f"data file {path}, line {line}, column 'sigma': must be > 0")
     order = np.argsort(stations)
     return stations[order], np.array(values["g"])[order], (None if sigma is None else sigma[order])
+
+
+def write_profile(path, stations, g_obs, sigma):
+    """Write a profile CSV that :func:`read_profile` reads back exactly: columns ``x`` (m), ``g`` and ``sigma`` (µGal).
+
+    ``sigma`` is one number or one per station. Values are written at full precision (``repr``), so the
+    profile read back is the same to the last bit. Returns ``path``."""
+    stations, g_obs = np.asarray(stations, dtype=float), np.asarray(g_obs, dtype=float)
+    sigma = np.broadcast_to(np.asarray(sigma, dtype=float), stations.shape)
+    rows = [f"{float(x)!r},{float(g)!r},{float(s)!r}" for x, g, s in zip(stations, g_obs, sigma)]
+    Path(path).write_text("x,g,sigma\n" + "\n".join(rows) + "\n")
+    return path
 
 
 def check_bounds(bounds):

@@ -346,3 +346,15 @@ def test_a_box_that_cuts_a_well_fitted_posterior_is_no_error():
     """On a bound but explaining the data within the noise (RMS of the weighted residuals 2, below 5): a warning."""
     laplace = forward.laplace_approximation(forward.synthetic_problem(bounds=((0, 10), (1, 15), (0.5, 1.5))))
     assert laplace.on_bound == ("R",) and not laplace.weak
+
+
+def test_write_profile_reads_back_bit_for_bit(tmp_path):
+    rng = np.random.default_rng(3)
+    stations = np.sort(rng.uniform(-20, 20, 30))
+    g_obs = rng.standard_normal(30) * 1e3
+    sigma = rng.uniform(0.1, 2.0, 30)
+    path = forward.write_profile(tmp_path / "profile.csv", stations, g_obs, sigma)
+    back = forward.read_profile(path)
+    assert all(np.array_equal(a, b) for a, b in zip(back, (stations, g_obs, sigma)))
+    _, _, one_sigma = forward.read_profile(forward.write_profile(tmp_path / "one.csv", stations, g_obs, 0.7))
+    assert np.array_equal(one_sigma, np.full(30, 0.7))

@@ -222,14 +222,19 @@ def fail_without_results(folder, message):
     return EXIT_DIVERGED
 
 
-def setup_run(args, check=None):
+def setup_run(args, check=None, timing=None):
     """What every method needs before it starts: the problem, the output folder, the Laplace
     approximation (a warning if its mode sits on a prior bound, or if the data barely constrain the
     body) and the exact reference posterior (a warning if its self-check fails). ``check(problem)``, if given, validates the options that
-    need the problem (e.g. ``--start``) before anything costly runs."""
+    need the problem (e.g. ``--start``) before anything costly runs. ``timing``, a dict if given,
+    gets ``load_s``: the seconds to read the data and check them (with the Laplace approximation's
+    own ``seconds`` and the start's choice, a method's setup: :func:`setup_seconds`)."""
+    began = time.perf_counter()
     problem = load_problem(args)
     if check is not None:
         check(problem)
+    if timing is not None:
+        timing["load_s"] = time.perf_counter() - began
     out = prepare_output(args.out)
     laplace = forward.laplace_approximation(problem)
     warn_if_on_bound(laplace)
@@ -241,6 +246,12 @@ def setup_run(args, check=None):
     if unchecked:
         print(unchecked, file=sys.stderr)
     return problem, out, laplace, exact
+
+
+def setup_seconds(timing, laplace, start_seconds):
+    """The setup a user pays for before a method's own work (``setup_time_s``): reading the data, the
+    MAP/Laplace approximation and the choice of start; not the exact reference that judges the run."""
+    return timing["load_s"] + laplace.seconds + start_seconds
 
 
 def warn_if_on_bound(laplace):

@@ -9,7 +9,6 @@ else a run does — data, exact reference, start, training, evaluation, refineme
 import argparse
 import math
 import sys
-import time
 
 import numpy as np
 import torch
@@ -151,16 +150,11 @@ def run_flow_method(args, build_layers):
         return amortized.apply_run(args, build_layers, device)
     with cli.Timer() as total:
         device = device_for(args.device)
-        # the setup a user pays for (data, MAP/Laplace, the start's choice), not the exact reference that judges the run
-        began, loaded = time.perf_counter(), {}
-
-        def note_loaded(problem):
-            loaded["seconds"] = time.perf_counter() - began
-
-        problem, out, laplace, reference = cli.setup_run(args, check=note_loaded)
+        timing = {}
+        problem, out, laplace, reference = cli.setup_run(args, timing=timing)
         with cli.Timer() as choosing:
             chosen = choose_start(args.init, problem, laplace)
-        setup_seconds = loaded["seconds"] + laplace.seconds + choosing.seconds
+        setup_seconds = cli.setup_seconds(timing, laplace, choosing.seconds)
         resolve_defaults(args, chosen.init)
         print(f"start: {chosen.init} ({chosen.reason})" + (f"; annealing over {100 * args.anneal:.0f} % of "
               f"{args.iterations} iterations" + (f" at most (adaptive, ESS {args.anneal_ess:g})" if args.anneal_ess else "")

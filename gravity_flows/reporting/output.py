@@ -32,7 +32,8 @@ AMORTIZED_FILES = ("amortized.png", "survey.csv", "survey.md", "survey.png")
 MODEL_FILE = "model.pt"
 #: Every file name a result is made of: a run's, an amortized model's or survey's, and a comparison's or a
 #: sweep's (compare.py, sweep.py).
-RESULT_FILES = RUN_FILES + AMORTIZED_FILES + ("table.md", "table.csv", "cost_accuracy.png", "convergence.png")
+RESULT_FILES = RUN_FILES + AMORTIZED_FILES + ("table.md", "table.csv", "cost_accuracy.png", "convergence.png",
+                                              "cost_vs_survey.png")
 #: The file written last into a result's folder, whose arrival makes the result complete.
 COMPLETING_FILES = ("summary.json", "table.md")
 

@@ -264,3 +264,101 @@ def plot_pair_grid(path, rows, truth=None, title="", parameters=forward.SPHERE, 
     figure.suptitle(_heading(title, what))
     figure.tight_layout(rect=(0, 0.5 / figure.get_figheight(), 1, 1))
     output.save_figure(figure, path)
+
+
+#: The survey sizes of the cost figure: 1 to 10 000 profiles.
+SURVEY_PROFILES = (1, 10_000)
+MCMC_COLOUR = "black"
+
+
+def _seconds(value):
+    """Seconds with three significant digits, never in scientific notation: 0.0123 s, 1.23 s, 1234 s."""
+    return f"{value:.0f} s" if value >= 100 else f"{value:.3g} s"
+
+
+def plot_cost_vs_survey(path, flows, mcmc, error_goal=None, title=""):
+    """When an amortized flow takes MCMC's place: total time against the number of profiles, and the errors.
+
+    ``flows``: dicts with ``label``, ``train_time_s``, ``posterior_time_s`` (per profile, median),
+    ``break_even`` (profiles, or None: never) and ``errors`` (the corrected error of every test
+    profile); ``mcmc``: a dict with ``time_s`` (per profile, to error ``error_goal``, its setup
+    included; None if it never reached it) and ``errors`` (its final error on each profile it ran).
+
+    Left: total seconds for n profiles, log–log over :data:`SURVEY_PROFILES`: a flow trains once and
+    applies its model n times, train + n posterior; MCMC runs n times, n mcmc. A flow's line crosses
+    MCMC's at its break-even, marked and labelled. Right: the test-set errors of every flow (and of
+    MCMC on its profiles), one column each: a box (quartiles, median) over the points, log scale,
+    the goal dashed.
+    """
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xhp<>"
+    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 5.8), gridspec_kw={"width_ratios": (1.15, 1)})
+    n = np.geomspace(*SURVEY_PROFILES, 200)
+    shown = []
+    for k, flow in enumerate(flows):
+        colour = cycle[k % len(cycle)]
+        train, per_profile = flow.get("train_time_s"), flow.get("posterior_time_s")
+        if train is None or per_profile is None:
+            continue
+        total = train + n * per_profile
+        left.plot(n, total, color=colour, lw=1.8, label=f"{flow['label']}: {_seconds(train)} training + "
+                                                        f"{_seconds(per_profile)} per profile")
+        shown += [total.min(), total.max()]
+        crossing = flow.get("break_even")
+        if crossing is not None and crossing <= SURVEY_PROFILES[1]:
+            at = train + crossing * per_profile
+            left.plot(crossing, at, marker=markers[k % len(markers)], ms=10, color=colour, mec="black", mew=0.8, ls="none")
+            left.annotate(f"{crossing:d}", (crossing, at), textcoords="offset points", xytext=(6, -12), fontsize=9,
+                          color=colour, fontweight="bold")
+    if mcmc.get("time_s") is not None:
+        total = n * mcmc["time_s"]
+        left.plot(n, total, color=MCMC_COLOUR, lw=2.4, ls="--",
+                  label=f"MCMC on every profile: {_seconds(mcmc['time_s'])} per profile")
+        shown += [total.min(), total.max()]
+    else:
+        left.text(0.97, 0.04, f"MCMC did not reach error {error_goal:g}: no break-even", transform=left.transAxes,
+                  ha="right", color="0.3")
+    left.plot([], [], marker="o", ls="none", color="0.5", mec="black", label="break-even: profiles from which the flow is cheaper")
+    left.set_xscale("log")
+    _plain_log_axis(left, n, axis="x")
+    if shown:
+        _plain_log_axis(left, shown)
+    left.set_xlim(*SURVEY_PROFILES)
+    left.set_xlabel("number of profiles in the survey (log scale)")
+    left.set_ylabel("total computing time (s, log scale)")
+    left.set_title(f"total time for a survey: train once and apply, or MCMC per profile\n"
+                   f"(MCMC: its time to error {error_goal:g}, setup included)", fontsize=10.5)
+    left.grid(True, which="both", color="0.9", lw=0.6)
+    left.legend(loc="upper left", fontsize=8.5, framealpha=0.9)
+
+    columns = [(flow["label"], flow.get("errors") or [], cycle[k % len(cycle)]) for k, flow in enumerate(flows)]
+    columns.append(("MCMC", mcmc.get("errors") or [], MCMC_COLOUR))
+    rng = np.random.default_rng(0)  # the jitter only
+    values = []
+    for k, (label, errors, colour) in enumerate(columns):
+        errors = np.asarray(errors, dtype=float)
+        errors = errors[np.isfinite(errors) & (errors > 0)]
+        if errors.size == 0:
+            continue
+        right.scatter(k + rng.uniform(-0.18, 0.18, errors.size), errors, s=14, color=colour, alpha=0.7, lw=0, zorder=3)
+        right.boxplot([errors], positions=[k], widths=0.55, showfliers=False, zorder=2,
+                      medianprops={"color": "black", "lw": 1.6}, boxprops={"color": "0.35"},
+                      whiskerprops={"color": "0.35"}, capprops={"color": "0.35"})
+        values += errors.tolist()
+    if error_goal is not None:
+        right.axhline(error_goal, color=TRUTH_COLOUR, ls="--", lw=1.1, label=f"goal: error ≤ {error_goal:g}")
+        right.legend(loc="upper right", fontsize=9)
+        values.append(error_goal)
+    if values:
+        _plain_log_axis(right, values)
+        right.set_ylim(min(values) / 2.0, max(values) * 2.0)
+    right.set_xticks(range(len(columns)))
+    right.set_xticklabels([label for label, _, _ in columns], rotation=25, ha="right", fontsize=9)
+    right.set_xlim(-0.6, len(columns) - 0.4)
+    right.set_ylabel("error against the exact posterior: largest W1 / sd (log scale)")
+    right.set_title("accuracy on the held-out test profiles, one point per profile\n"
+                    "(flows: importance-corrected draws; MCMC: its final draws, on its profiles)", fontsize=10.5)
+    right.grid(True, axis="y", which="both", color="0.9", lw=0.6)
+    figure.suptitle(_heading(title, "when does an amortized flow take MCMC's place?"))
+    figure.tight_layout()
+    output.save_figure(figure, path)
