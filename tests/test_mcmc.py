@@ -321,7 +321,8 @@ def test_script_writes_every_file_and_is_accurate(tmp_path, default_reference, c
     assert "coordinates log (x0, log z, log R)" in stderr
 
 
-def test_original_settings_run_with_one_chain_and_no_adaptation_and_a_short_run_is_not_converged(tmp_path, capsys):
+def test_original_settings_run_with_one_chain_and_no_adaptation_and_a_short_run_is_not_converged(tmp_path, capsys,
+                                                                                                unrendered_figures):
     out = tmp_path / "original"
     status = mcmc.main(["--init", "prior", "--iterations", "2000", "--burn-in", "100", "--out", str(out), "--quiet"])
     assert status == 0
