@@ -1,5 +1,5 @@
-"""Faults and reproducibility, on real processes: divergence, Ctrl-C, whole-or-nothing files and results,
-same seed same samples.
+"""Faults and reproducibility: divergence (the script as ``__main__`` in this process), Ctrl-C (real processes,
+and in this process at exact moments), whole-or-nothing files and results, same seed same samples.
 
 Exit statuses (cli.py): 2 bad input, 3 training diverged, 130 interrupted. After any Ctrl-C an output
 folder holds a complete result (marked interrupted if its loop was cut short) or nothing of the run,
