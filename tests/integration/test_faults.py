@@ -1,5 +1,5 @@
-"""Faults and reproducibility, on real processes: divergence, Ctrl-C, whole-or-nothing files and results,
-same seed same samples.
+"""Faults and reproducibility: divergence (the script as ``__main__`` in this process), Ctrl-C (real processes,
+and in this process at exact moments), whole-or-nothing files and results, same seed same samples.
 
 Exit statuses (cli.py): 2 bad input, 3 training diverged, 130 interrupted. After any Ctrl-C an output
 folder holds a complete result (marked interrupted if its loop was cut short) or nothing of the run,
@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -44,16 +45,6 @@ def command(script, *args):
     return [sys.executable, str(ROOT / script), *map(str, args)]
 
 
-def run_together(commands, timeout=180):
-    """Start every command at once (they are independent), wait for all; CompletedProcess-like results."""
-    processes = [subprocess.Popen(c, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
-    results = []
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
-    return results
-
-
 def leftover_temporaries(folder):
     return [path.name for path in folder.rglob(".tmp-*")]
 
@@ -75,15 +66,22 @@ def plant_earlier_result(folder, names):
 # Divergence
 
 
-def test_divergence_stops_with_the_iteration_and_what_to_change_and_writes_nothing(tmp_path):
+def test_divergence_stops_with_the_iteration_and_what_to_change_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """The script file run as ``__main__`` in this process (runpy: what ``python Gravity_X.py ARGS`` runs once
+    the interpreter is up; a fresh one costs 3-5 s of imports here). What only a real process shows of an
+    error, its exit status and whole stderr, is checked by test_bad_input.py's process cases and the Ctrl-C
+    tests below; an exception that escaped runner.run would fail this test as it would show a traceback."""
     out = tmp_path / "out"
-    [completed] = run_together([command("Gravity_invertible_Affine.py", "--lr", "1e6", "--iterations", "200",
-                                        "--quiet", "--out", out)])
-    assert completed.returncode == 3, completed.stderr
-    assert "Traceback" not in completed.stderr
+    script = ROOT / "Gravity_invertible_Affine.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--lr", "1e6", "--iterations", "200", "--quiet", "--out", str(out)])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(script), run_name="__main__")
+    stderr = capsys.readouterr().err
+    assert stopped.value.code == 3, stderr
+    assert "Traceback" not in stderr
     # the error is one line, the last (a "start: ..." line about the chosen start may come before it)
-    errors = [line for line in completed.stderr.splitlines() if ": error: " in line]
-    assert len(errors) == 1 and completed.stderr.strip().endswith(errors[0]), completed.stderr
+    errors = [line for line in stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and stderr.strip().endswith(errors[0]), stderr
     message = errors[0]
     assert "diverged at iteration 2 of 200" in message
     assert "--lr" in message and "--clip-norm" in message

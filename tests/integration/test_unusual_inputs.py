@@ -4,9 +4,18 @@ file, starts inside the box, and the sampler's answer is close to the exact post
 What failed before (issue 17): a box without the original's start exited 2 from the prior ("a chain's start has
 zero posterior density"); ``--init auto`` on a one-flank profile ran the original's single fixed-proposal chain
 (error 0.58); the ridge with R's box cut short exited 2. The tolerance, 0.1 at these short settings, fails all three.
+
+Each case's MCMC run is made once (``mcmc_run``) and read by every test about it. Its figures are drawn (every
+figure function runs on the case's data and draws) but rendered only in :data:`RENDERED`, the cases whose pictures
+differ most from the default's (a negative contrast with four parameters, twelve irregular stations with their
+own sigma, a body beyond the stations): rendering (Agg and ``tight_layout``) is most of a short run's time, and
+every figure is rendered on the default problem by tests/reporting and tests/integration/test_scripts.py.
 """
 
+import contextlib
+import io
 import json
+import types
 
 import numpy as np
 import pytest
@@ -14,11 +23,14 @@ import pytest
 import Gravity_coupling_Affine
 import Gravity_MCMC
 from bench import unusual_inputs
+from unrendered import rendered_only_in
 
 CASES = {case.name: case for case in unusual_inputs.CASES}
 #: A short run: the default chains and burn-in and a quarter to a third of the kept steps.
 SHORT_MCMC = ["--burn-in", "1000", "--iterations", "4000", "--samples", "5000", "--quiet"]
 SHORT_TOLERANCE = 0.1
+#: The cases whose figures are rendered (the others' are drawn, and a stand-in file written).
+RENDERED = ("cavity-free", "sparse-irregular", "outside-span")
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +38,35 @@ def data_folder(tmp_path_factory):
     return tmp_path_factory.mktemp("unusual-data")
 
 
-def run_mcmc(case, data_folder, out, extra=()):
-    status = Gravity_MCMC.main([*case.arguments(data_folder), *SHORT_MCMC, *extra, "--out", str(out)])
-    return status, json.loads((out / "summary.json").read_text()) if status == 0 else None
+@pytest.fixture(scope="module")
+def mcmc_run(data_folder, tmp_path_factory):
+    """``mcmc_run(name)``: the case's MCMC run at the short settings, made on first use and kept for the
+    module; a namespace with ``status``, ``summary`` (None unless the status is 0), ``stderr`` and ``out``."""
+    runs = {}
+
+    def run(name):
+        if name not in runs:
+            out = tmp_path_factory.mktemp(f"unusual-{name}")
+            argv = [*CASES[name].arguments(data_folder), *SHORT_MCMC, "--out", str(out)]
+            stderr = io.StringIO()
+            with contextlib.redirect_stderr(stderr), rendered_only_in(*([out] if name in RENDERED else [])):
+                status = Gravity_MCMC.main(argv)
+            summary = json.loads((out / "summary.json").read_text()) if status == 0 else None
+            runs[name] = types.SimpleNamespace(status=status, summary=summary, stderr=stderr.getvalue(), out=out)
+        return runs[name]
+
+    return run
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_mcmc_is_accurate_on_every_unusual_input(name, data_folder, tmp_path, capsys):
-    status, summary = run_mcmc(CASES[name], data_folder, tmp_path)
-    stderr = capsys.readouterr().err
+def test_mcmc_is_accurate_on_every_unusual_input(name, mcmc_run):
+    run = mcmc_run(name)
+    status, summary, stderr = run.status, run.summary, run.stderr
     assert status == 0, stderr
     for file in unusual_inputs.expected_files("MCMC"):
-        assert (tmp_path / file).stat().st_size > 0, file
+        assert (run.out / file).stat().st_size > 0, file
     assert summary["error"] <= SHORT_TOLERANCE, (summary["error"], stderr)
-    theta = np.load(tmp_path / "samples.npz")["theta"]
+    theta = np.load(run.out / "samples.npz")["theta"]
     bounds = np.array([summary["data"]["bounds"][name] for name in summary["parameters"]])
     assert np.all((theta >= bounds[:, 0]) & (theta <= bounds[:, 1]))
     # auto never hands anyone's data to the original's single fixed-proposal chain
@@ -50,15 +77,15 @@ def test_mcmc_is_accurate_on_every_unusual_input(name, data_folder, tmp_path, ca
 
 
 @pytest.mark.parametrize("name", ["box-x0-prior", "box-z-prior", "box-R-prior"])
-def test_the_start_line_says_where_the_chains_start_when_the_original_start_is_outside(name, data_folder, tmp_path, capsys):
-    status, summary = run_mcmc(CASES[name], data_folder, tmp_path)
-    assert status == 0
+def test_the_start_line_says_where_the_chains_start_when_the_original_start_is_outside(name, mcmc_run):
+    run = mcmc_run(name)
+    assert run.status == 0, run.stderr
     parameter = name.split("-")[1]
-    assert f"the centre of the box (the original's start lies outside it in {parameter})" in capsys.readouterr().err
-    assert "centre of the box" in summary["start"]["chains"]
+    assert f"the centre of the box (the original's start lies outside it in {parameter})" in run.stderr
+    assert "centre of the box" in run.summary["start"]["chains"]
 
 
-def test_init_prior_on_the_original_problem_is_still_the_original_run(tmp_path, capsys):
+def test_init_prior_on_the_original_problem_is_still_the_original_run(tmp_path, capsys, unrendered_figures):
     status = Gravity_MCMC.main(["--init", "prior", "--iterations", "300", "--burn-in", "10", "--out", str(tmp_path), "--quiet"])
     assert status == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -67,9 +94,10 @@ def test_init_prior_on_the_original_problem_is_still_the_original_run(tmp_path, 
 
 
 @pytest.mark.parametrize("name", ["box-R-prior", "cavity-free", "one-flank"])
-def test_a_flow_runs_on_unusual_inputs_from_its_start(name, data_folder, tmp_path):
+def test_a_flow_runs_on_unusual_inputs_from_its_start(name, data_folder, tmp_path, unrendered_figures):
     """A flow's start does not depend on a fixed point (the prior start is the box's centre in u): it runs
-    everywhere; its accuracy at the defaults is the sweep's (bench/unusual_inputs.py), not the suite's."""
+    everywhere; its accuracy at the defaults is the sweep's (bench/unusual_inputs.py), not the suite's. Its
+    figures are drawn, not rendered: the same figure functions are rendered on these data in ``mcmc_run``."""
     argv = [*CASES[name].arguments(data_folder), "--iterations", "30", "--samples", "500", "--quiet", "--out", str(tmp_path)]
     assert Gravity_coupling_Affine.main(argv) == 0
     for file in unusual_inputs.expected_files("coupling_Affine"):
