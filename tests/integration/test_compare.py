@@ -306,3 +306,26 @@ def test_a_sweep_looks_options_up_in_the_parser_s_record_not_in_argparse_interna
         sweep.check_values(parser, "binz", ["1"])
     with pytest.raises(DataError, match="6 values"):
         sweep.check_values(parser, "bounds", ["1"])
+
+
+def test_methods_run_in_one_process_share_one_exact_reference_and_a_new_problem_gets_its_own(profile_csv, monkeypatch,
+                                                                                            tmp_path):
+    from gravity_flows.scoring import reference
+
+    computed = []
+    original = reference.compute_reference
+
+    def counting(problem, laplace):
+        computed.append(problem)
+        return original(problem, laplace)
+
+    monkeypatch.setattr(reference, "compute_reference", counting)
+    monkeypatch.setattr(cli, "_LATEST_REFERENCE", {})
+    parser = Gravity_MCMC.build_parser()
+    first = cli.setup_run(parser.parse_args(["--data", str(profile_csv), "--out", str(tmp_path / "a")]))
+    again = cli.setup_run(parser.parse_args(["--data", str(profile_csv), "--out", str(tmp_path / "b")]))
+    assert again[3] is first[3] and len(computed) == 1
+    other = cli.setup_run(parser.parse_args(["--data", str(profile_csv), "--bounds", "0", "10", "1", "15", "0.5", "4", "--out", str(tmp_path / "c")]))
+    assert len(computed) == 2 and other[3] is not first[3]
+    # the reused reference is the one its problem would get afresh
+    assert other[3].log_evidence == pytest.approx(original(other[0], other[2]).log_evidence, abs=1e-12)
