@@ -4,11 +4,19 @@ A flow script names its layers (``build_layers``) and its defaults (``flow_parse
 else a run does — data, exact reference, start, training, evaluation, refinement, figures and
 ``summary.json`` — is :func:`run_flow_method`, the same for all six. With ``--amortize`` or
 ``--model`` the run is an amortized one instead (:mod:`gravity_flows.command.amortized`).
+
+Starts (``--init``): the Laplace approximation or the prior (``inference.start``), or, with
+``--init amortized --model FILE``, the amortized posterior of this profile: a model made by this
+script's ``--amortize`` for this survey, its context fixed to this profile's data
+(``ConditionedPosterior``), then refined by this profile's ELBO like any start, without annealing
+(the model's q already lies on the posterior; from it, annealing would first spread q over the
+prior again). Its defaults, :data:`AMORTIZED_START`, were measured on the ridge (``resolve_defaults``).
 """
 
 import argparse
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +25,8 @@ import forward
 from gravity_flows.command import amortized, cli
 from gravity_flows.flows import splines
 from gravity_flows.inference import refine
-from gravity_flows.inference.start import choose_start
+from gravity_flows.inference.amortized import ConditionedPosterior
+from gravity_flows.inference.start import Start, choose_start
 from gravity_flows.inference.vi import (FlowPosterior, TrainingDiverged, evaluate, importance_diagnostics,
                                         standardisation, train)
 from gravity_flows.reporting import figures, report
@@ -37,6 +46,11 @@ def _by_start(value):
 #: The defaults of an amortized run (``--amortize``) unless a script gives its own (see amortized.py).
 AMORTIZED_DEFAULTS = {"iterations": 10_000, "flows": 3, "lr": 1e-3}
 
+#: The defaults of a per-profile fit from the amortized start (``--init amortized --model FILE``), for every
+#: flow: no annealing (q already sits on the posterior), and a smaller rate than from the prior (measured:
+#: :func:`resolve_defaults`).
+AMORTIZED_START = {"iterations": 1000, "lr": 1e-3}
+
 
 def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=False, amortized_defaults=None):
     """The common options plus the flow options, with this method's defaults (``hidden=None``: no conditioner).
@@ -47,6 +61,12 @@ def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=Fal
     (default :data:`AMORTIZED_DEFAULTS`).
     """
     parser = cli.common_parser(doc, method, default_samples=10_000)
+    init = parser.option("init")
+    init.choices = (*init.choices, "amortized")
+    init.help += ("; amortized (with --model FILE, a model of this script made by --amortize for this survey): "
+                  "from the model's posterior q(theta | d) of this profile, refined by the profile's own ELBO without "
+                  "annealing; the flow's options are the model's (defaults then: --iterations "
+                  f"{AMORTIZED_START['iterations']}, --lr {AMORTIZED_START['lr']:g}, --anneal 0)")
     iterations, flows, lr = _by_start(iterations), _by_start(flows), _by_start(lr)
     parser.set_defaults(default_iterations=iterations, default_flows=flows, default_lr=lr)
 
@@ -100,13 +120,18 @@ def _anneal_ess(text):
 
 
 def resolve_defaults(args, init):
-    """Fill in the defaults that depend on the start (``init``: "laplace" or "prior") and return args."""
-    if args.iterations is None:
-        args.iterations = args.default_iterations[init]
-    if args.flows is None:
-        args.flows = args.default_flows[init]
-    if args.lr is None:
-        args.lr = args.default_lr[init]
+    """Fill in the defaults that depend on the start (``init``: "laplace", "prior" or "amortized") and return args.
+
+    From the amortized start (the flow's options are then the model's, ``amortized.start_options``)
+    the defaults are :data:`AMORTIZED_START` and no annealing, for every flow."""
+    if init == "amortized":
+        defaults = {"iterations": AMORTIZED_START["iterations"], "lr": AMORTIZED_START["lr"], "flows": args.flows}
+    else:
+        defaults = {"iterations": args.default_iterations[init], "lr": args.default_lr[init],
+                    "flows": args.default_flows[init]}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.anneal is None:
         args.anneal = ANNEAL_FROM_PRIOR if init == "prior" else 0.0
     del args.default_iterations, args.default_flows, args.default_lr
@@ -139,10 +164,31 @@ def build_flow(args, build_layers, laplace, problem, device, init):
     return model.to(device=device, dtype=torch.float64)
 
 
+def start_from_model(args, build_layers, device):
+    """``--init amortized``: the checked model record, its network, and a check of the profile for ``cli.setup_run``
+    (all before anything is written); (None, None, None) for the other starts. Sets the flow options to the model's."""
+    if args.init != "amortized":
+        return None, None, None
+    record, network = amortized.load_model(args, build_layers, device)
+    amortized.start_options(args, record)
+    return record, network, lambda problem: amortized.check_start_profile(record, problem, args)
+
+
+def amortized_start(args, record, network, problem):
+    """The :class:`Start` of ``--init amortized`` and its posterior: the model's q(theta | d) of this
+    profile, its context fixed (``ConditionedPosterior``), which ``train`` refines by the profile's ELBO."""
+    training = record["training"]
+    chosen = Start("amortized", f"the amortized posterior of {args.model} (Gravity_{record['method']}.py, "
+                                f"{training['iterations']} steps of {training['simulations_per_step']} simulations)")
+    return chosen, ConditionedPosterior(network, problem.g_obs)
+
+
 def run_flow_method(args, build_layers):
     """Everything a flow script does after parsing: data, reference, start, training, evaluation, refinement, outputs.
 
-    With ``--amortize`` or ``--model``: the amortized run instead (:mod:`gravity_flows.command.amortized`)."""
+    With ``--amortize`` or ``--model``: the amortized run instead (:mod:`gravity_flows.command.amortized`).
+    With ``--init amortized --model FILE``: this per-profile run, its flow the model's conditioned on the
+    profile (:func:`amortized_start`); its convergence record then starts at iteration 0, the model's q as it is."""
     if amortized.wanted(args):
         device = device_for(args.device)
         if args.amortize:
@@ -151,16 +197,22 @@ def run_flow_method(args, build_layers):
     with cli.Timer() as total:
         device = device_for(args.device)
         timing = {}
-        problem, out, laplace, reference = cli.setup_run(args, timing=timing)
+        with cli.Timer() as loading:
+            record, network, check = start_from_model(args, build_layers, device)
+        problem, out, laplace, reference = cli.setup_run(args, check=check, timing=timing)
         with cli.Timer() as choosing:
-            chosen = choose_start(args.init, problem, laplace)
-        setup_seconds = cli.setup_seconds(timing, laplace, choosing.seconds)
+            if record is not None:
+                chosen, model = amortized_start(args, record, network, problem)
+            else:
+                chosen = choose_start(args.init, problem, laplace)
+        setup_seconds = cli.setup_seconds(timing, laplace, loading.seconds + choosing.seconds)
         resolve_defaults(args, chosen.init)
         print(f"start: {chosen.init} ({chosen.reason})" + (f"; annealing over {100 * args.anneal:.0f} % of "
               f"{args.iterations} iterations" + (f" at most (adaptive, ESS {args.anneal_ess:g})" if args.anneal_ess else "")
               if args.anneal else ""), file=sys.stderr)
 
-        model = build_flow(args, build_layers, laplace, problem, device, chosen.init)
+        if record is None:
+            model = build_flow(args, build_layers, laplace, problem, device, chosen.init)
         log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)
         generator = torch.Generator(device=device).manual_seed(args.seed)
         recorder = convergence.Recorder()
@@ -172,6 +224,8 @@ def run_flow_method(args, build_layers):
             error = score(theta_now, reference)["error"] if np.all(np.isfinite(theta_now)) else math.inf
             recorder.add(iteration, seconds, chosen.likelihood_evaluations + iteration * args.batch, error, stage="training")
 
+        if record is not None:
+            score_now(0, 0.0)  # the amortized q before any refining: time 0 if it is already good enough
         trace = {}
         with cli.interruptible("training") as stop:
             try:
@@ -192,14 +246,16 @@ def run_flow_method(args, build_layers):
             return cli.fail_without_results(out, "the trained flow draws non-finite samples; try a smaller --lr")
         results = importance_diagnostics(log_weights, reference.log_evidence)
         results.update(
-            start=chosen.summary(),
+            start=chosen.summary() if record is None else {
+                **chosen.summary(), "model": {"path": str(Path(args.model).resolve()), "method": record["method"],
+                                              "training": record["training"]}},
             setup_time_s=setup_seconds,
             iterations=int(history.size),
             anneal=args.anneal,
             anneal_iterations=trace["anneal_iterations"],
             train_time_s=train_seconds,
             time_per_iteration_ms=1e3 * train_seconds / history.size,
-            n_parameters=int(sum(p.numel() for p in model.parameters())),
+            n_parameters=int(sum(p.numel() for p in model.parameters() if p.requires_grad)),  # those trained here
             likelihood_evaluations=chosen.likelihood_evaluations + int(history.size) * args.batch + n_draws,
         )
         cost = train_seconds + evaluation.seconds  # the flow's clock: training, then drawing its samples

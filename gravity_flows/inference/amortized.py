@@ -218,8 +218,9 @@ class ConditionedPosterior(nn.Module):
     It has the interface of ``vi.FlowPosterior`` (``sample(n, generator) -> (theta, log q)``, one
     differentiable pass), so ``vi.train`` can refine the amortized q of a profile by that profile's
     ELBO and ``vi.evaluate`` can draw from it (a per-profile fit that starts from the amortized
-    posterior). The context is computed once and kept as a buffer: the summary network gets no
-    gradient; the flow's layers and the context's affine map do.
+    posterior: ``--init amortized``). The context is computed once and kept as a buffer, and the
+    summary network is frozen (``requires_grad`` off: it gets no gradient, and its weights are not
+    counted as the fit's); the flow's layers and the context's affine map m(c), L(c) are trained.
     """
 
     def __init__(self, model, data):
@@ -227,6 +228,7 @@ class ConditionedPosterior(nn.Module):
         self.posterior = model
         with torch.no_grad():
             self.register_buffer("context", model.context(data))
+        model.summary.requires_grad_(False)
 
     @property
     def dim(self):
