@@ -65,9 +65,7 @@ class FlowPosterior(nn.Module):
 
     def base_matrix(self):
         """The learnable lower-triangular A, positive diagonal."""
-        diagonal = nn.functional.softplus(self.raw_diagonal + _DIAGONAL_SHIFT) + _DIAGONAL_EPS
-        matrix = torch.diag_embed(diagonal)
-        return matrix.index_put((self.lower_index[0], self.lower_index[1]), self.raw_lower)
+        return lower_triangular(self.raw_diagonal, self.raw_lower, self.lower_index)
 
     def sample_u(self, n, generator=None):
         """``n`` draws of u (n, dim), before the box, and their log q(u) (n,), in one differentiable pass."""
@@ -85,6 +83,13 @@ class FlowPosterior(nn.Module):
         u, log_q = self.sample_u(n, generator)
         theta, log_det = self.box(u)
         return theta, log_q - log_det
+
+
+def lower_triangular(raw_diagonal, raw_lower, lower_index):
+    """The lower-triangular matrix with diagonal softplus(raw_diagonal + shift) + 1e-6 (exactly the identity
+    at raw 0, never singular) and the entries ``raw_lower`` below it, at ``lower_index`` (2, dim (dim - 1) / 2)."""
+    diagonal = nn.functional.softplus(raw_diagonal + _DIAGONAL_SHIFT) + _DIAGONAL_EPS
+    return torch.diag_embed(diagonal).index_put((lower_index[0], lower_index[1]), raw_lower)
 
 
 def standardisation(init, laplace):
@@ -192,7 +197,9 @@ def train(model, log_likelihood, log_prior, *, iterations, batch, lr, clip_norm=
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
 
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+    # a model may scale the rate of some of its parameters: parameter_groups() -> [{"params", "lr_scale"}, ...]
+    groups = model.parameter_groups() if hasattr(model, "parameter_groups") else [{"params": list(model.parameters())}]
+    optimiser = torch.optim.Adam(groups, lr=lr, foreach=True)
     if adaptive:
         beta = torch.tensor(ADAPTIVE_BETA_START, dtype=dtype, device=device)
         post_anneal = iterations - anneal_budget
@@ -212,7 +219,7 @@ def train(model, log_likelihood, log_prior, *, iterations, batch, lr, clip_norm=
         else:
             step_lr = _cosine(lr, iteration, iterations)
         for group in optimiser.param_groups:
-            group["lr"] = step_lr
+            group["lr"] = step_lr * group.get("lr_scale", 1.0)
         step_beta = (beta if anneal_end is None else 1.0) if adaptive else fixed_beta[iteration]
         try:
             theta, log_q = model.sample(batch, generator)
