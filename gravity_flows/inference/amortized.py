@@ -212,10 +212,6 @@ def build_model(build_layers, options, survey, seed):
     return model.double()
 
 
-#: ``ConditionedPosterior``: the flow's layers train at this share of the learning rate (the correction at all of it).
-LAYER_LR_SCALE = 1.0
-
-
 class ConditionedPosterior(nn.Module):
     """q(theta | d) for one profile d: the amortized flow with its context fixed, as an unconditional posterior.
 
@@ -267,13 +263,6 @@ class ConditionedPosterior(nn.Module):
     @property
     def dim(self):
         return self.posterior.dim
-
-    def parameter_groups(self):
-        """What ``vi.train`` trains, and at which share of its learning rate: the correction at the rate,
-        the flow's layers at :data:`LAYER_LR_SCALE` of it."""
-        correction = [self.loc, self.raw_diagonal, self.raw_lower]
-        layers = [p for p in self.posterior.flow.parameters() if p.requires_grad]
-        return [{"params": correction, "lr_scale": 1.0}] + ([{"params": layers, "lr_scale": LAYER_LR_SCALE}] if layers else [])
 
     def push(self, eps):
         """theta = T(eps) for base points eps (n, dim), and log|det dtheta/deps| (n,)."""

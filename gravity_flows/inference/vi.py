@@ -197,9 +197,7 @@ def train(model, log_likelihood, log_prior, *, iterations, batch, lr, clip_norm=
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
 
-    # a model may scale the rate of some of its parameters: parameter_groups() -> [{"params", "lr_scale"}, ...]
-    groups = model.parameter_groups() if hasattr(model, "parameter_groups") else [{"params": list(model.parameters())}]
-    optimiser = torch.optim.Adam(groups, lr=lr, foreach=True)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     if adaptive:
         beta = torch.tensor(ADAPTIVE_BETA_START, dtype=dtype, device=device)
         post_anneal = iterations - anneal_budget
@@ -219,7 +217,7 @@ def train(model, log_likelihood, log_prior, *, iterations, batch, lr, clip_norm=
         else:
             step_lr = _cosine(lr, iteration, iterations)
         for group in optimiser.param_groups:
-            group["lr"] = step_lr * group.get("lr_scale", 1.0)
+            group["lr"] = step_lr
         step_beta = (beta if anneal_end is None else 1.0) if adaptive else fixed_beta[iteration]
         try:
             theta, log_q = model.sample(batch, generator)
