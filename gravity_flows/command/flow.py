@@ -10,7 +10,27 @@ Starts (``--init``): the Laplace approximation or the prior (``inference.start``
 script's ``--amortize`` for this survey, its context fixed to this profile's data
 (``ConditionedPosterior``), then refined by this profile's ELBO like any start, without annealing
 (the model's q already lies on the posterior; from it, annealing would first spread q over the
-prior again). Its defaults, :data:`AMORTIZED_START`, were measured on the ridge (``resolve_defaults``).
+prior again). What is trained is ``ConditionedPosterior``'s: the flow's layers and an affine
+correction, the summary network and the context's head frozen.
+
+Measured (``--refine none --checkpoints 12``, error = largest W1/sd against the exact reference, on
+the 2-core machine while other benchmarks ran):
+
+- density known, examples/survey lines 01 and 02 with /work/runs/survey-model (coupling_NSF, 10000
+  steps): the model's q has error 1.4 and 1.9; 1000 iterations at lr 1e-3 end at 0.044 and 0.035
+  (64000-74000 likelihood evaluations, against 132000 for the Laplace start's 2000 iterations,
+  error 0.021); 500 iterations ended at 0.018 and 0.098. The error is no lower on the way (it first
+  rises, to 3-8, and wanders): it falls as the cosine schedule ends, so the iteration budget is the
+  time to error 0.05. lr 5e-3 ended at 0.23.
+- the ridge (``--density-bounds 1000 4000``, the synthetic profile): the spline flows do NOT get
+  there. From a coupling_NSF and an auto_NSF model of 2000 steps (q alone: error 1.0, R and drho
+  right, x0 and z 3-4 times too wide) the ELBO shrinks q onto part of the ridge (drho sd 144-327
+  kg/m³ against 870) and stays at error 0.5-0.85 whatever the rate (1e-4 to 1e-2), the batch (256),
+  the gradient clipping or an annealing of 30-60 %: the reverse KL's mode-seeking, as from the
+  Laplace start there. The planar flow (the 10000-step model of compare.py --amortized) keeps the
+  ridge and improves steadily, but slowly: error 0.67 -> 0.31 (1000 iterations, lr 1e-3), 0.17 (lr
+  5e-3), 0.13 (lr 2e-2), 0.22 (3000 iterations, lr 1e-3). The importance-corrected amortized
+  posterior (``--model`` alone) is the better answer there.
 """
 
 import argparse
@@ -48,7 +68,7 @@ AMORTIZED_DEFAULTS = {"iterations": 10_000, "flows": 3, "lr": 1e-3}
 
 #: The defaults of a per-profile fit from the amortized start (``--init amortized --model FILE``), for every
 #: flow: no annealing (q already sits on the posterior), and a smaller rate than from the prior (measured:
-#: :func:`resolve_defaults`).
+#: the module docstring; 1000 iterations reached error 0.05 with the density known, not on the ridge).
 AMORTIZED_START = {"iterations": 1000, "lr": 1e-3}
 
 
