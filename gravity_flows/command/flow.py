@@ -16,8 +16,8 @@ correction, the summary network and the context's head frozen.
 Measured (``--refine none --checkpoints 12``, error = largest W1/sd against the exact reference, on
 the 2-core machine while other benchmarks ran):
 
-- density known, examples/survey lines 01 and 02 with /work/runs/survey-model (coupling_NSF, 10000
-  steps): the model's q has error 1.4 and 1.9; 1000 iterations at lr 1e-3 end at 0.044 and 0.035
+- density known, examples/survey lines 01 and 02 (``--bounds -10 30 1 15 0.5 5``) with a coupling_NSF
+  model of that survey (``--amortize``, 10000 steps): the model's q has error 1.4 and 1.9; 1000 iterations at lr 1e-3 end at 0.044 and 0.035
   (64000-74000 likelihood evaluations, against 132000 for the Laplace start's 2000 iterations,
   error 0.021); 500 iterations ended at 0.018 and 0.098. The error is no lower on the way (it first
   rises, to 3-8, and wanders): it falls as the cosine schedule ends, so the iteration budget is the
