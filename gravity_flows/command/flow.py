@@ -30,7 +30,9 @@ the 2-core machine while other benchmarks ran):
   kg/m³ against 870) and stays at error 0.5-0.85 whatever the rate (1e-4 to 1e-2), the batch (256),
   the gradient clipping or an annealing of 30-60 %: the reverse KL's mode-seeking, as from the
   Laplace start there. So does auto_Affine from its 10000-step model of compare.py --amortized
-  (q alone 0.68; 1000 iterations end at 0.41 (lr 1e-3) and 0.45 (5e-3), drho sd 460-510). The planar flow (the 10000-step model of compare.py --amortized) keeps the
+  (q alone 0.68; 1000 iterations end at 0.41 (lr 1e-3) and 0.45 (5e-3), drho sd 460-510), and
+  auto_NSF from its 10000-step model, whose q alone is already at 0.27: the refining makes it worse,
+  1.03 (lr 1e-3), 1.11 (5e-3), 0.69 (1e-4), drho sd 195-690. The planar flow (the 10000-step model of compare.py --amortized) keeps the
   ridge and improves steadily, but slowly: error 0.67 -> 0.31 (1000 iterations, lr 1e-3), 0.17 (lr
   5e-3), 0.13 (lr 2e-2), 0.22 (3000 iterations, lr 1e-3). The importance-corrected amortized
   posterior (``--model`` alone) is the better answer there.
@@ -89,7 +91,9 @@ def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=Fal
     init.help += ("; amortized (with --model FILE, a model of this script made by --amortize for this survey): "
                   "from the model's posterior q(theta | d) of this profile, refined by the profile's own ELBO without "
                   "annealing; the flow's options are the model's (defaults then: --iterations "
-                  f"{AMORTIZED_START['iterations']}, --lr {AMORTIZED_START['lr']:g}, --anneal 0)")
+                  f"{AMORTIZED_START['iterations']}, --lr {AMORTIZED_START['lr']:g}, --anneal 0). On the mass ridge "
+                  "(--density-bounds) the ELBO shrinks it onto part of the ridge (measured: flow.py); --model alone, "
+                  "corrected by importance weights, is the better answer there")
     iterations, flows, lr = _by_start(iterations), _by_start(flows), _by_start(lr)
     parser.set_defaults(default_iterations=iterations, default_flows=flows, default_lr=lr)
 
