@@ -11,6 +11,12 @@ each profile the importance-corrected posterior (:func:`correction.corrected_pos
 usual outputs of a run, in OUT for one profile and in ``OUT/<csv stem>/`` for several, plus
 ``OUT/survey.csv``, ``survey.md`` and ``survey.png``. Everything is checked before anything is
 written: the model file, its script, the prior options, and every profile's stations and sigma.
+
+``python Gravity_<flow>.py --init amortized --model DIR/model.pt [--data A.csv] --out OUT`` is a
+per-profile run instead (``flow.run_flow_method``): the model's q(theta | d) of this one profile,
+its context fixed (``inference.amortized.ConditionedPosterior``), is the start that the profile's
+own ELBO refines. The model is checked as for applying it (:func:`load_model`,
+:func:`check_start_profile`): made by this script, for this prior and this profile's survey.
 """
 
 import argparse
@@ -63,7 +69,9 @@ def add_options(parser, defaults):
                            f"--lr {defaults['lr']:g})")
     mode.add_argument("--model", metavar="FILE",
                       help="apply a model made by --amortize to the profiles of --data: each one's posterior from "
-                           "the flow, corrected by Pareto-smoothed importance weights with the exact likelihood")
+                           "the flow, corrected by Pareto-smoothed importance weights with the exact likelihood; "
+                           "with --init amortized, a per-profile fit of one profile starting from the model's "
+                           "posterior of it instead")
     group.add_argument("--test-profiles", type=cli.nonnegative_int, default=50, metavar="N",
                        help="with --amortize: held-out simulated profiles scored against their exact references "
                             "(default: %(default)s)")
@@ -78,14 +86,22 @@ def add_options(parser, defaults):
 
 
 def wanted(args):
-    """Whether the command line asks for an amortized run; for a per-profile run, drop this module's options."""
-    if getattr(args, "amortize", False) or getattr(args, "model", None):
+    """Whether the command line asks for an amortized run; for a per-profile run, drop this module's options
+    (all but ``--model`` with ``--init amortized``: the per-profile run's start, kept in its settings)."""
+    start_from_model = getattr(args, "init", None) == "amortized"
+    if start_from_model and not getattr(args, "model", None):
+        raise forward.DataError("--init amortized needs --model FILE: a model of this script made by --amortize for "
+                                "this profile's survey")
+    if start_from_model and isinstance(args.data, list):
+        raise forward.DataError(f"--init amortized fits one profile, got {len(args.data)}; to apply the model to "
+                                "several, drop --init amortized")
+    if not start_from_model and (getattr(args, "amortize", False) or getattr(args, "model", None)):
         return True
     if isinstance(args.data, list):
         raise forward.DataError(f"--data takes one profile, got {len(args.data)}; several profiles need --model "
                                 "(a model made by --amortize)")
     for name in OPTIONS + ("amortized_defaults",):
-        if hasattr(args, name):
+        if hasattr(args, name) and not (start_from_model and name == "model"):
             delattr(args, name)
     return False
 
@@ -247,6 +263,24 @@ def load_model(args, build_layers, device):
         print(f"warning: {path} was made with " + ", ".join(f"{name} {version}" for name, version in made_with.items())
               + "; this is " + ", ".join(f"{name} {report.versions()[name]}" for name in made_with), file=sys.stderr)
     return record, model.to(device=device, dtype=torch.float64)
+
+
+def check_start_profile(record, problem, args):
+    """``--init amortized``: DataError unless the profile (``--data``, or the synthetic one) is of the model's survey."""
+    model_file.check_profile(record, problem, args.model, args.data or "the synthetic profile")
+
+
+def start_options(args, record):
+    """``--init amortized``: the flow options (``--flows``, ``--hidden``, ...) set to the model's, whose network it is.
+
+    DataError if ``--flows`` was given and differs (the other options have defaults: they are replaced)."""
+    if getattr(args, "flows", None) is not None and args.flows != record["flow"].get("flows"):
+        raise forward.DataError(f"--flows {args.flows} differs from the model's {record['flow'].get('flows')} "
+                                f"({args.model}): with --init amortized the flow is the model's; drop --flows")
+    for name, value in record["flow"].items():
+        if hasattr(args, name):
+            setattr(args, name, value)
+    return args
 
 
 def read_profiles(args, record):

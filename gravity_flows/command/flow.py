@@ -4,11 +4,44 @@ A flow script names its layers (``build_layers``) and its defaults (``flow_parse
 else a run does — data, exact reference, start, training, evaluation, refinement, figures and
 ``summary.json`` — is :func:`run_flow_method`, the same for all six. With ``--amortize`` or
 ``--model`` the run is an amortized one instead (:mod:`gravity_flows.command.amortized`).
+
+Starts (``--init``): the Laplace approximation or the prior (``inference.start``), or, with
+``--init amortized --model FILE``, the amortized posterior of this profile: a model made by this
+script's ``--amortize`` for this survey, its context fixed to this profile's data
+(``ConditionedPosterior``), then refined by this profile's ELBO like any start, without annealing
+(the model's q already lies on the posterior; from it, annealing would first spread q over the
+prior again). What is trained is ``ConditionedPosterior``'s: the flow's layers and an affine
+correction, the summary network and the context's head frozen.
+
+Measured (``--refine none --checkpoints 12``, error = largest W1/sd against the exact reference, on
+the 2-core machine while other benchmarks ran):
+
+- density known, examples/survey lines 01 and 02 (``--bounds -10 30 1 15 0.5 5``) with a
+  coupling_NSF model of that survey (``--amortize``, 10000 steps): the model's q has error 1.4 and
+  1.9; 1000 iterations at lr 1e-3 end at 0.044 and 0.035 (64000-74000 likelihood evaluations,
+  against 132000 for the Laplace start's 2000 iterations, error 0.021); 500 iterations ended at
+  0.018 and 0.098. On the default problem the planar model of compare.py --amortized ends at 0.105
+  after 1000 iterations (6.7 s), where the Laplace start reaches 0.05 in 3.4 s. The error is no lower on the way (it first
+  rises, to 3-8, and wanders): it falls as the cosine schedule ends, so the iteration budget is the
+  time to error 0.05. lr 5e-3 ended at 0.23.
+- the ridge (``--density-bounds 1000 4000``, the synthetic profile): the spline flows do NOT get
+  there. From a coupling_NSF and an auto_NSF model of 2000 steps (q alone: error 1.0, R and drho
+  right, x0 and z 3-4 times too wide) the ELBO shrinks q onto part of the ridge (drho sd 144-327
+  kg/m³ against 870) and stays at error 0.5-0.85 whatever the rate (1e-4 to 1e-2), the batch (256),
+  the gradient clipping or an annealing of 30-60 %: the reverse KL's mode-seeking, as from the
+  Laplace start there. So does auto_Affine from its 10000-step model of compare.py --amortized
+  (q alone 0.68; 1000 iterations end at 0.41 (lr 1e-3) and 0.45 (5e-3), drho sd 460-510), and
+  auto_NSF from its 10000-step model, whose q alone is already at 0.27: the refining makes it worse,
+  1.03 (lr 1e-3), 1.11 (5e-3), 0.69 (1e-4), drho sd 195-690. The planar flow (the 10000-step model of compare.py --amortized) keeps the
+  ridge and improves steadily, but slowly: error 0.67 -> 0.31 (1000 iterations, lr 1e-3), 0.17 (lr
+  5e-3), 0.13 (lr 2e-2), 0.22 (3000 iterations, lr 1e-3). The importance-corrected amortized
+  posterior (``--model`` alone) is the better answer there.
 """
 
 import argparse
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +50,8 @@ import forward
 from gravity_flows.command import amortized, cli
 from gravity_flows.flows import splines
 from gravity_flows.inference import refine
-from gravity_flows.inference.start import choose_start
+from gravity_flows.inference.amortized import ConditionedPosterior
+from gravity_flows.inference.start import Start, choose_start
 from gravity_flows.inference.vi import (FlowPosterior, TrainingDiverged, evaluate, importance_diagnostics,
                                         standardisation, train)
 from gravity_flows.reporting import figures, report
@@ -37,6 +71,11 @@ def _by_start(value):
 #: The defaults of an amortized run (``--amortize``) unless a script gives its own (see amortized.py).
 AMORTIZED_DEFAULTS = {"iterations": 10_000, "flows": 3, "lr": 1e-3}
 
+#: The defaults of a per-profile fit from the amortized start (``--init amortized --model FILE``), for every
+#: flow: no annealing (q already sits on the posterior), and a smaller rate than from the prior (measured:
+#: the module docstring; 1000 iterations reached error 0.05 with the density known, not on the ridge).
+AMORTIZED_START = {"iterations": 1000, "lr": 1e-3}
+
 
 def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=False, amortized_defaults=None):
     """The common options plus the flow options, with this method's defaults (``hidden=None``: no conditioner).
@@ -47,6 +86,14 @@ def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=Fal
     (default :data:`AMORTIZED_DEFAULTS`).
     """
     parser = cli.common_parser(doc, method, default_samples=10_000)
+    init = parser.option("init")
+    init.choices = (*init.choices, "amortized")
+    init.help += ("; amortized (with --model FILE, a model of this script made by --amortize for this survey): "
+                  "from the model's posterior q(theta | d) of this profile, refined by the profile's own ELBO without "
+                  "annealing; the flow's options are the model's (defaults then: --iterations "
+                  f"{AMORTIZED_START['iterations']}, --lr {AMORTIZED_START['lr']:g}, --anneal 0). On the mass ridge "
+                  "(--density-bounds) the ELBO shrinks it onto part of the ridge (measured: flow.py); --model alone, "
+                  "corrected by importance weights, is the better answer there")
     iterations, flows, lr = _by_start(iterations), _by_start(flows), _by_start(lr)
     parser.set_defaults(default_iterations=iterations, default_flows=flows, default_lr=lr)
 
@@ -100,13 +147,18 @@ def _anneal_ess(text):
 
 
 def resolve_defaults(args, init):
-    """Fill in the defaults that depend on the start (``init``: "laplace" or "prior") and return args."""
-    if args.iterations is None:
-        args.iterations = args.default_iterations[init]
-    if args.flows is None:
-        args.flows = args.default_flows[init]
-    if args.lr is None:
-        args.lr = args.default_lr[init]
+    """Fill in the defaults that depend on the start (``init``: "laplace", "prior" or "amortized") and return args.
+
+    From the amortized start (the flow's options are then the model's, ``amortized.start_options``)
+    the defaults are :data:`AMORTIZED_START` and no annealing, for every flow."""
+    if init == "amortized":
+        defaults = {"iterations": AMORTIZED_START["iterations"], "lr": AMORTIZED_START["lr"], "flows": args.flows}
+    else:
+        defaults = {"iterations": args.default_iterations[init], "lr": args.default_lr[init],
+                    "flows": args.default_flows[init]}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.anneal is None:
         args.anneal = ANNEAL_FROM_PRIOR if init == "prior" else 0.0
     del args.default_iterations, args.default_flows, args.default_lr
@@ -139,10 +191,31 @@ def build_flow(args, build_layers, laplace, problem, device, init):
     return model.to(device=device, dtype=torch.float64)
 
 
+def start_from_model(args, build_layers, device):
+    """``--init amortized``: the checked model record, its network, and a check of the profile for ``cli.setup_run``
+    (all before anything is written); (None, None, None) for the other starts. Sets the flow options to the model's."""
+    if args.init != "amortized":
+        return None, None, None
+    record, network = amortized.load_model(args, build_layers, device)
+    amortized.start_options(args, record)
+    return record, network, lambda problem: amortized.check_start_profile(record, problem, args)
+
+
+def amortized_start(args, record, network, problem):
+    """The :class:`Start` of ``--init amortized`` and its posterior: the model's q(theta | d) of this
+    profile, its context fixed (``ConditionedPosterior``), which ``train`` refines by the profile's ELBO."""
+    training = record["training"]
+    chosen = Start("amortized", f"the amortized posterior of {args.model} (Gravity_{record['method']}.py, "
+                                f"{training['iterations']} steps of {training['simulations_per_step']} simulations)")
+    return chosen, ConditionedPosterior(network, problem.g_obs)
+
+
 def run_flow_method(args, build_layers):
     """Everything a flow script does after parsing: data, reference, start, training, evaluation, refinement, outputs.
 
-    With ``--amortize`` or ``--model``: the amortized run instead (:mod:`gravity_flows.command.amortized`)."""
+    With ``--amortize`` or ``--model``: the amortized run instead (:mod:`gravity_flows.command.amortized`).
+    With ``--init amortized --model FILE``: this per-profile run, its flow the model's conditioned on the
+    profile (:func:`amortized_start`); its convergence record then starts at iteration 0, the model's q as it is."""
     if amortized.wanted(args):
         device = device_for(args.device)
         if args.amortize:
@@ -151,16 +224,22 @@ def run_flow_method(args, build_layers):
     with cli.Timer() as total:
         device = device_for(args.device)
         timing = {}
-        problem, out, laplace, reference = cli.setup_run(args, timing=timing)
+        with cli.Timer() as loading:
+            record, network, check = start_from_model(args, build_layers, device)
+        problem, out, laplace, reference = cli.setup_run(args, check=check, timing=timing)
         with cli.Timer() as choosing:
-            chosen = choose_start(args.init, problem, laplace)
-        setup_seconds = cli.setup_seconds(timing, laplace, choosing.seconds)
+            if record is not None:
+                chosen, model = amortized_start(args, record, network, problem)
+            else:
+                chosen = choose_start(args.init, problem, laplace)
+        setup_seconds = cli.setup_seconds(timing, laplace, loading.seconds + choosing.seconds)
         resolve_defaults(args, chosen.init)
         print(f"start: {chosen.init} ({chosen.reason})" + (f"; annealing over {100 * args.anneal:.0f} % of "
               f"{args.iterations} iterations" + (f" at most (adaptive, ESS {args.anneal_ess:g})" if args.anneal_ess else "")
               if args.anneal else ""), file=sys.stderr)
 
-        model = build_flow(args, build_layers, laplace, problem, device, chosen.init)
+        if record is None:
+            model = build_flow(args, build_layers, laplace, problem, device, chosen.init)
         log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)
         generator = torch.Generator(device=device).manual_seed(args.seed)
         recorder = convergence.Recorder()
@@ -172,6 +251,8 @@ def run_flow_method(args, build_layers):
             error = score(theta_now, reference)["error"] if np.all(np.isfinite(theta_now)) else math.inf
             recorder.add(iteration, seconds, chosen.likelihood_evaluations + iteration * args.batch, error, stage="training")
 
+        if record is not None:
+            score_now(0, 0.0)  # the amortized q before any refining: time 0 if it is already good enough
         trace = {}
         with cli.interruptible("training") as stop:
             try:
@@ -192,14 +273,16 @@ def run_flow_method(args, build_layers):
             return cli.fail_without_results(out, "the trained flow draws non-finite samples; try a smaller --lr")
         results = importance_diagnostics(log_weights, reference.log_evidence)
         results.update(
-            start=chosen.summary(),
+            start=chosen.summary() if record is None else {
+                **chosen.summary(), "model": {"path": str(Path(args.model).resolve()), "method": record["method"],
+                                              "training": record["training"]}},
             setup_time_s=setup_seconds,
             iterations=int(history.size),
             anneal=args.anneal,
             anneal_iterations=trace["anneal_iterations"],
             train_time_s=train_seconds,
             time_per_iteration_ms=1e3 * train_seconds / history.size,
-            n_parameters=int(sum(p.numel() for p in model.parameters())),
+            n_parameters=int(sum(p.numel() for p in model.parameters() if p.requires_grad)),  # those trained here
             likelihood_evaluations=chosen.likelihood_evaluations + int(history.size) * args.batch + n_draws,
         )
         cost = train_seconds + evaluation.seconds  # the flow's clock: training, then drawing its samples

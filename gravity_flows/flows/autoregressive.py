@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gravity_flows.flows.layers import affine_from_params, with_context
+from gravity_flows.flows.layers import affine_from_params, freeze_last_columns, with_context
 from gravity_flows.flows.splines import DEFAULT_BINS, DEFAULT_TAIL_BOUND, spline_from_params, spline_param_count
 
 
@@ -106,6 +106,10 @@ class MADE(nn.Module):
         )
         nn.init.zeros_(self.network[-1].weight)
         nn.init.zeros_(self.network[-1].bias)
+
+    def freeze_context(self):
+        """For one fixed context: the first layer's context weights stop training (``layers.freeze_last_columns``)."""
+        freeze_last_columns(self.network[0], self.context_size)
 
     def forward(self, x, context=None):
         return self.network(with_context(x, context, self.context_size)).reshape(x.shape[0], self.dim, self.n_params_per_feature)

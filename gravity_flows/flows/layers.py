@@ -73,6 +73,19 @@ def conditioner(n_inputs, n_outputs, hidden, context=0):
     return network
 
 
+def freeze_last_columns(linear, n):
+    """Stop training the weights of ``linear``'s last ``n`` inputs (a gradient hook zeroes them; Adam then leaves them).
+
+    Used by the conditional layers' ``freeze_context``: with one fixed context c (a per-profile fit
+    from the amortized start, ``amortized.ConditionedPosterior``) the context's part of a first layer,
+    W_c c, is a constant added to that layer's bias b, which trains anyway, so the layer can represent
+    nothing less. Trained, W_c would move W_c c by about lr * ||c||_1 on Adam's first step (Adam moves
+    every weight by about lr, and for a constant input all of them the same way)."""
+    keep = torch.ones_like(linear.weight)
+    keep[:, linear.weight.shape[1] - n:] = 0.0
+    linear.weight.register_hook(lambda grad: grad * keep.to(grad.dtype))
+
+
 def check_context(context, size, rows):
     """The context of a layer made with ``context=size``, as (rows, size) (a broadcast view for one context).
 
@@ -176,6 +189,10 @@ class Coupling(nn.Module):
     def _elementwise(self, x_transformed, params, inverse):
         raise NotImplementedError
 
+    def freeze_context(self):
+        """For one fixed context: the conditioner's context weights stop training (:func:`freeze_last_columns`)."""
+        freeze_last_columns(self.conditioner[0], self.context_size)
+
     def _couple(self, x, inverse, context):
         x_identity = x.index_select(1, self.identity_index)
         x_transformed = x.index_select(1, self.transformed_index)
@@ -267,6 +284,11 @@ class Planar(nn.Module):
         self.context_size = context
         if context:
             self.context_network = conditioner(context, 2 * dim + 1, hidden or context)
+
+    def freeze_context(self):
+        """For one fixed context: NN(c) is then a constant offset of (u, w, b), which train anyway; the
+        network stops training (see :func:`freeze_last_columns` for why)."""
+        self.context_network.requires_grad_(False)
 
     def _planar_parameters(self, context, rows):
         """(u, w, b): the layer's own, or, for a conditional layer, one set per row of the context."""

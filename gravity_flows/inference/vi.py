@@ -65,9 +65,7 @@ class FlowPosterior(nn.Module):
 
     def base_matrix(self):
         """The learnable lower-triangular A, positive diagonal."""
-        diagonal = nn.functional.softplus(self.raw_diagonal + _DIAGONAL_SHIFT) + _DIAGONAL_EPS
-        matrix = torch.diag_embed(diagonal)
-        return matrix.index_put((self.lower_index[0], self.lower_index[1]), self.raw_lower)
+        return lower_triangular(self.raw_diagonal, self.raw_lower, self.lower_index)
 
     def sample_u(self, n, generator=None):
         """``n`` draws of u (n, dim), before the box, and their log q(u) (n,), in one differentiable pass."""
@@ -85,6 +83,13 @@ class FlowPosterior(nn.Module):
         u, log_q = self.sample_u(n, generator)
         theta, log_det = self.box(u)
         return theta, log_q - log_det
+
+
+def lower_triangular(raw_diagonal, raw_lower, lower_index):
+    """The lower-triangular matrix with diagonal softplus(raw_diagonal + shift) + 1e-6 (exactly the identity
+    at raw 0, never singular) and the entries ``raw_lower`` below it, at ``lower_index`` (2, dim (dim - 1) / 2)."""
+    diagonal = nn.functional.softplus(raw_diagonal + _DIAGONAL_SHIFT) + _DIAGONAL_EPS
+    return torch.diag_embed(diagonal).index_put((lower_index[0], lower_index[1]), raw_lower)
 
 
 def standardisation(init, laplace):

@@ -87,3 +87,37 @@ def test_unconditional_layers_refuse_a_context_and_conditional_ones_a_wrong_one(
         conditional(sample_inputs(n=3), sample_contexts(3, n=3))
     with pytest.raises(ValueError, match="context must be"):
         conditional(sample_inputs(n=3), sample_contexts(2, n=2))
+
+
+@pytest.mark.parametrize("name", [*CONDITIONAL_LAYERS, "planar"])
+def test_freezing_the_context_stops_exactly_the_weights_that_see_it_alone(name):
+    """``freeze_context`` (one fixed context, ``--init amortized``): after a backward pass and an Adam
+    step the first layer's weights reading the context are unchanged while its other weights and bias moved, and the
+    map at that context is what it was before freezing (freezing changes training, not the layer)."""
+    make = CONDITIONAL_LAYERS.get(name, lambda c: layers.Planar(DIM, context=c))
+    layer = randomize_(make(3).double())
+    x, context = sample_inputs(), sample_contexts(3, n=1)
+    before = layer(x, context)[0].detach()
+    frozen = []
+    for module in layer.modules():
+        if getattr(module, "context_size", 0) and hasattr(module, "freeze_context"):
+            module.freeze_context()
+            first = module.context_network[0] if isinstance(module, layers.Planar) else (
+                module.conditioner[0] if isinstance(module, layers.Coupling) else module.network[0])
+            frozen.append((first, module.context_size, isinstance(module, layers.Planar)))
+    assert frozen
+    torch.testing.assert_close(layer(x, context)[0], before, atol=0, rtol=0)
+    trained = [p for p in layer.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in trained]
+    optimiser = torch.optim.Adam(trained, lr=1e-2)
+    y, logdet = layer(x, context)
+    (y.square().sum() - logdet.sum()).backward()
+    optimiser.step()
+    for first, size, whole in frozen:
+        old = next(s for p, s in zip(trained, start) if p is first.weight) if first.weight.requires_grad else None
+        if whole:
+            assert not any(p.requires_grad for p in first.parameters())
+        else:
+            torch.testing.assert_close(first.weight[:, -size:], old[:, -size:], atol=0, rtol=0)
+            assert not torch.equal(first.weight[:, :-size], old[:, :-size]) or first.weight.shape[1] == size
+            assert not torch.equal(first.bias, next(s for p, s in zip(trained, start) if p is first.bias))

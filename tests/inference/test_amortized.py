@@ -316,7 +316,8 @@ def test_an_adapted_proposal_rescues_a_flow_that_covers_the_posterior_too_widely
 def test_a_conditioned_posterior_is_a_flow_posterior_that_vi_can_refine(linear_gaussian_flow):
     """The amortized q of one observation, context fixed, trained further by the per-profile ELBO
     (``vi.train``, as ``--init amortized`` will): same draws as the conditional flow before, a
-    gradient for its flow but none for its summary network, and no lower an ELBO after 100 steps."""
+    gradient for its flow and its correction but none for its summary network or the context's affine
+    head, and no lower an ELBO after 100 steps."""
     import copy
 
     from gravity_flows.inference import vi
@@ -330,12 +331,41 @@ def test_a_conditioned_posterior_is_a_flow_posterior_that_vi_can_refine(linear_g
     log_likelihood = problem.log_likelihood(data[0])
     log_prior = -LG_DIM * math.log(2 * LG_HALF_WIDTH)
     before = vi.evaluate(conditioned, log_likelihood, log_prior, 4000, torch.Generator().manual_seed(2))[1].mean()
-    summary_before = [p.clone() for p in conditioned.posterior.summary.parameters()]
+    frozen = [*conditioned.posterior.summary.parameters(), *conditioned.posterior.location_scale.parameters()]
+    frozen_before = [p.clone() for p in frozen]
+    layers_before = [p.clone() for p in conditioned.posterior.flow.parameters()]
     vi.train(conditioned, log_likelihood, log_prior, iterations=100, batch=64, lr=1e-3,
              generator=torch.Generator().manual_seed(3), progress=False)
     after = vi.evaluate(conditioned, log_likelihood, log_prior, 4000, torch.Generator().manual_seed(2))[1].mean()
     assert after > before - 0.01
-    assert all(torch.equal(a, b) for a, b in zip(summary_before, conditioned.posterior.summary.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(frozen_before, frozen))
+    assert not all(torch.equal(a, b) for a, b in zip(layers_before, conditioned.posterior.flow.parameters()))
+    assert not torch.equal(conditioned.loc, torch.zeros_like(conditioned.loc))
+
+
+def test_a_conditioned_posterior_with_its_correction_has_the_exact_log_density(linear_gaussian_flow):
+    """ConditionedPosterior's affine correction (a, A) moved off the identity: log q of its draws is
+    log N(eps) - log|det dtheta/deps| with the Jacobian by autograd, and its draws are the amortized
+    flow's own at a = 0, A = I."""
+    import copy
+
+    problem, model = linear_gaussian_flow
+    _, data = problem(1, torch.Generator().manual_seed(32))
+    conditioned = amortized.ConditionedPosterior(copy.deepcopy(model), data[0])
+    with torch.no_grad():
+        expected = model.sample(20, model.context(data[0]), torch.Generator().manual_seed(4))
+        got = conditioned.sample(20, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(got, expected)
+    with torch.no_grad():
+        for parameter, scale in ((conditioned.loc, 0.3), (conditioned.raw_diagonal, 0.5), (conditioned.raw_lower, 0.4)):
+            parameter.copy_(scale * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(5)))
+    eps = torch.randn(6, conditioned.dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    theta, log_q = conditioned.sample(6, torch.Generator().manual_seed(6))
+    for row in range(6):
+        jacobian = torch.autograd.functional.jacobian(lambda e: conditioned.push(e[None])[0][0], eps[row])
+        expected_log_q = amortized.standard_normal_log_density(eps[row:row + 1])[0] - torch.linalg.slogdet(jacobian)[1]
+        torch.testing.assert_close(log_q[row], expected_log_q, atol=1e-9, rtol=1e-9)
+    assert not torch.allclose(theta, conditioned.posterior.sample(6, conditioned.context, torch.Generator().manual_seed(6))[0])
 
 
 def test_the_unconstrained_proposal_weights_use_its_exact_density(linear_gaussian_flow):

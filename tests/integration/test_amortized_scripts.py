@@ -165,3 +165,76 @@ def test_a_model_refuses_what_it_was_not_made_for_with_one_line_and_nothing_writ
     assert phrase in stderr, stderr
     assert stderr.startswith(f"{script}: error: ")
     assert not out.exists(), "a refused run must write nothing"
+
+
+# ----------------------------------------------------------------------------------------------
+# --init amortized --model FILE: a per-profile fit from the model's q of this profile
+
+
+def test_init_amortized_starts_from_the_models_q_of_this_profile(trained, tmp_path, monkeypatch, capsys):
+    """One step at a vanishing rate: the run's draws are ConditionedPosterior's own (the same generator
+    after the one training batch), its summary says the start was amortized and which model, the flow's
+    options are the model's, and the convergence record starts at iteration 0 with the model's q."""
+    import torch
+
+    from gravity_flows.command import amortized as command
+
+    model_folder, profiles = trained
+    out = tmp_path / "start"
+    status, stdout, stderr = run_script(SCRIPT, ["--init", "amortized", "--model", model_folder / "model.pt",
+                                                 "--data", profiles[1], "--iterations", "1", "--lr", "1e-12",
+                                                 "--samples", "300", "--checkpoints", "1", "--flows", "2",
+                                                 "--out", out, "--quiet"], monkeypatch, capsys)
+    assert status == 0, stderr
+    assert "start: amortized (the amortized posterior of" in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["start"]["init"] == "amortized"
+    assert summary["start"]["model"]["path"] == str((model_folder / "model.pt").resolve())
+    assert summary["start"]["model"]["method"] == "coupling_Affine"
+    assert summary["anneal"] == 0.0 and summary["settings"]["flows"] == 2 and np.isfinite(summary["error"])
+    assert [point["iteration"] for point in summary["convergence"]][:2] == [0, 1]
+
+    script = runpy.run_path(str(ROOT / SCRIPT), run_name="script")
+    options = script["build_parser"]().parse_args(["--model", str(model_folder / "model.pt"), "--data", str(profiles[1])])
+    _, network = command.load_model(options, script["build_layers"], torch.device("cpu"))
+    _, g_obs, _ = forward.read_profile(profiles[1])
+    conditioned = amortized.ConditionedPosterior(network, g_obs)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        conditioned.sample(64, generator)  # the one training step's batch
+        expected = conditioned.sample(300, generator)[0].numpy()
+    np.testing.assert_allclose(np.load(out / "samples.npz")["theta"], expected, rtol=1e-7, atol=1e-9)
+
+
+def _start_refusal_cases(model, profiles, folder):
+    cases = _refusal_cases(model, profiles, folder)
+    start = ["--init", "amortized", "--iterations", "5"]
+    return {
+        "no model": (SCRIPT, [*start, "--data", profiles[0]], "--init amortized needs --model FILE"),
+        "several profiles": (SCRIPT, [*start, "--model", model, "--data", profiles[0], profiles[1]],
+                             "--init amortized fits one profile, got 2"),
+        "other flows": (SCRIPT, [*start, "--model", model, "--data", profiles[0], "--flows", "3"],
+                        "--flows 3 differs from the model's 2"),
+        "synthetic profile, other noise": (SCRIPT, [*start, "--model", model, "--noise", "0.5"],
+                                           "the synthetic profile: the noise sd at station 1 is 0.5"),
+        **{name: (cases[name][0], [*start, *cases[name][1]], cases[name][2])
+           for name in ("other stations", "other box", "density free", "another script", "not a model file")},
+    }
+
+
+START_REFUSALS = ["no model", "several profiles", "other flows", "synthetic profile, other noise", "other stations",
+                  "other box", "density free", "another script", "not a model file"]
+
+
+@pytest.mark.parametrize("case", START_REFUSALS)
+def test_init_amortized_refuses_a_model_not_made_for_this_profile_with_one_line_and_nothing_written(
+        case, trained, tmp_path, monkeypatch, capsys):
+    model_folder, profiles = trained
+    script, args, phrase = _start_refusal_cases(model_folder / "model.pt", profiles, tmp_path)[case]
+    out = tmp_path / "out"
+    status, stdout, stderr = run_script(script, [*args, "--out", out, "--quiet"], monkeypatch, capsys)
+    assert status == 2, stderr
+    assert "Traceback" not in stderr and "\n" not in stderr.strip(), stderr
+    assert phrase in stderr, stderr
+    assert stderr.startswith(f"{script}: error: ")
+    assert not out.exists(), "a refused run must write nothing"
