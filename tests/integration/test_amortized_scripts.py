@@ -148,6 +148,16 @@ def _refusal_cases(model, profiles, folder):
     }
 
 
+def assert_refused(script, args, phrase, out, monkeypatch, capsys):
+    """The script run with ``args`` refuses: exit 2, one line on stderr naming ``phrase``, nothing written."""
+    status, stdout, stderr = run_script(script, [*args, "--out", out, "--quiet"], monkeypatch, capsys)
+    assert status == 2, stderr
+    assert "Traceback" not in stderr and "\n" not in stderr.strip(), stderr
+    assert phrase in stderr, stderr
+    assert stderr.startswith(f"{script}: error: ")
+    assert not out.exists(), "a refused run must write nothing"
+
+
 REFUSALS = ["other stations", "fewer stations", "other sigma column", "other --noise", "other box", "other density",
             "density free", "not a model file", "truncated", "another script", "no data",
             "several profiles without a model", "several profiles to train on"]
@@ -159,12 +169,7 @@ def test_a_model_refuses_what_it_was_not_made_for_with_one_line_and_nothing_writ
     model_folder, profiles = trained
     script, args, phrase = _refusal_cases(model_folder / "model.pt", profiles, tmp_path)[case]
     out = tmp_path / "out"
-    status, stdout, stderr = run_script(script, [*args, "--out", out, "--quiet"], monkeypatch, capsys)
-    assert status == 2, stderr
-    assert "Traceback" not in stderr and "\n" not in stderr.strip(), stderr
-    assert phrase in stderr, stderr
-    assert stderr.startswith(f"{script}: error: ")
-    assert not out.exists(), "a refused run must write nothing"
+    assert_refused(script, args, phrase, out, monkeypatch, capsys)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,9 +237,4 @@ def test_init_amortized_refuses_a_model_not_made_for_this_profile_with_one_line_
     model_folder, profiles = trained
     script, args, phrase = _start_refusal_cases(model_folder / "model.pt", profiles, tmp_path)[case]
     out = tmp_path / "out"
-    status, stdout, stderr = run_script(script, [*args, "--out", out, "--quiet"], monkeypatch, capsys)
-    assert status == 2, stderr
-    assert "Traceback" not in stderr and "\n" not in stderr.strip(), stderr
-    assert phrase in stderr, stderr
-    assert stderr.startswith(f"{script}: error: ")
-    assert not out.exists(), "a refused run must write nothing"
+    assert_refused(script, args, phrase, out, monkeypatch, capsys)
