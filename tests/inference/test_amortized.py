@@ -391,3 +391,24 @@ def test_the_unconstrained_proposal_weights_use_its_exact_density(linear_gaussia
     np.testing.assert_allclose(eps, pulled.numpy(), atol=1e-8)
     n_flow = int(round(share * 3000))
     assert np.allclose(np.median(u.numpy()[n_flow:], axis=0), location, atol=0.05)
+
+
+def test_the_correction_runs_on_one_thread_and_gives_the_threads_back(linear_gaussian_flow):
+    """The correction's small tensors run on one thread (correction.one_thread); the caller's setting is restored."""
+    problem, model = linear_gaussian_flow
+    data = problem.observe(torch.tensor([[0.4, -0.3]], dtype=torch.float64), torch.Generator().manual_seed(5))[0]
+    seen = set()
+
+    def log_likelihood(theta):
+        seen.add(torch.get_num_threads())
+        return problem.log_likelihood(data)(theta)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        correction.corrected_posterior(model, data, log_likelihood, 0.0, 500, generator=torch.Generator().manual_seed(6),
+                                       rng=np.random.default_rng(0), first_draws=1000, max_draws=2000)
+        assert seen == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
