@@ -314,15 +314,17 @@ def read_profile(path):
     return stations[order], np.array(values["g"])[order], (None if sigma is None else sigma[order])
 
 
-def write_profile(path, stations, g_obs, sigma):
+def write_profile(path, stations, g_obs, sigma=None):
     """Write a profile CSV that :func:`read_profile` reads back exactly: columns ``x`` (m), ``g`` and ``sigma`` (µGal).
 
-    ``sigma`` is one number or one per station. Values are written at full precision (``repr``), so the
-    profile read back is the same to the last bit. Returns ``path``."""
-    stations, g_obs = np.asarray(stations, dtype=float), np.asarray(g_obs, dtype=float)
-    sigma = np.broadcast_to(np.asarray(sigma, dtype=float), stations.shape)
-    rows = [f"{float(x)!r},{float(g)!r},{float(s)!r}" for x, g, s in zip(stations, g_obs, sigma)]
-    Path(path).write_text("x,g,sigma\n" + "\n".join(rows) + "\n")
+    ``sigma`` is one number or one per station, or None: no sigma column (``--noise`` then gives it).
+    Values are written at full precision (``repr``), so the profile read back is the same to the last
+    bit; round them before, for a file meant to be read by people. Returns ``path``."""
+    columns = [np.asarray(stations, dtype=float), np.asarray(g_obs, dtype=float)]
+    if sigma is not None:
+        columns.append(np.broadcast_to(np.asarray(sigma, dtype=float), columns[0].shape))
+    rows = [",".join(f"{float(value)!r}" for value in row) for row in zip(*columns)]
+    Path(path).write_text(("x,g,sigma" if sigma is not None else "x,g") + "\n" + "\n".join(rows) + "\n")
     return path
 
 

@@ -57,11 +57,7 @@ class Profile:
         rng = np.random.default_rng(self.seed)
         g = forward.sphere_anomaly(stations, np.asarray(self.body, dtype=float), self.density) + sigma * rng.standard_normal(stations.size)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["x", "g", "sigma"])
-            writer.writerows(zip(np.round(stations, 4), np.round(g, 6), np.round(sigma, 6)))
-        return path
+        return forward.write_profile(path, np.round(stations, 4), np.round(g, 6), np.round(sigma, 6))
 
 
 @dataclass(frozen=True)

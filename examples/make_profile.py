@@ -6,7 +6,6 @@ the first half of the line and 1 µGal on the second. Run from the project root:
 ``python examples/make_profile.py``.
 """
 
-import csv
 import sys
 from pathlib import Path
 
@@ -19,7 +18,4 @@ stations = np.linspace(-30.0, 30.0, 41)
 sigma = np.where(stations < 0, 0.5, 1.0)
 rng = np.random.default_rng(7)
 g = forward.sphere_anomaly(stations, np.array([-2.0, 8.0, 2.5])) + sigma * rng.standard_normal(stations.size)
-with open(Path(__file__).with_name("profile.csv"), "w", newline="") as handle:
-    writer = csv.writer(handle)
-    writer.writerow(["x", "g", "sigma"])
-    writer.writerows(zip(stations.round(2), g.round(4), sigma))
+forward.write_profile(Path(__file__).with_name("profile.csv"), stations.round(2), g.round(4), sigma)

@@ -50,10 +50,7 @@ def main():
     rows = bodies(rng)
     for line, *theta in rows:
         g = forward.sphere_anomaly(STATIONS, np.array(theta)) + SIGMA * rng.standard_normal(STATIONS.size)
-        with open(folder / f"line_{line:02d}.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["x", "g", "sigma"])
-            writer.writerows(zip(STATIONS.round(2), g.round(4), np.full(STATIONS.size, SIGMA)))
+        forward.write_profile(folder / f"line_{line:02d}.csv", STATIONS.round(2), g.round(4), SIGMA)
     with open(folder / "truth.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["line", "x0", "z", "R", "peak_uGal"])

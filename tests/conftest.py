@@ -39,9 +39,9 @@ def default_reference(default_problem, default_laplace):
 
 def write_profile(path, problem, every=10, sigma=1.0):
     """A user's profile file (columns x, g, sigma) from every ``every``-th station of ``problem``'s data."""
-    rows = [f"{float(x)!r},{float(g)!r},{float(sigma)!r}" for x, g in zip(problem.stations[::every], problem.g_obs[::every])]
-    path.write_text("x,g,sigma\n" + "\n".join(rows) + "\n")
-    return path
+    import forward
+
+    return forward.write_profile(path, problem.stations[::every], problem.g_obs[::every], sigma)
 
 
 @pytest.fixture(scope="session")

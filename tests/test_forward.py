@@ -358,3 +358,5 @@ def test_write_profile_reads_back_bit_for_bit(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(back, (stations, g_obs, sigma)))
     _, _, one_sigma = forward.read_profile(forward.write_profile(tmp_path / "one.csv", stations, g_obs, 0.7))
     assert np.array_equal(one_sigma, np.full(30, 0.7))
+    x, g, no_sigma = forward.read_profile(forward.write_profile(tmp_path / "none.csv", stations, g_obs))
+    assert no_sigma is None and np.array_equal(x, stations) and np.array_equal(g, g_obs)

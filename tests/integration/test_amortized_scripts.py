@@ -30,12 +30,7 @@ def run_script(script, args, monkeypatch, capsys):
 
 
 def write_profile(path, problem, sigma=None, shift=0.0):
-    rows = ["x,g" + (",sigma" if sigma is not None else "")]
-    for k, (x, g) in enumerate(zip(problem.stations + shift, problem.g_obs)):
-        rows.append(f"{float(x)!r},{float(g)!r}" + (f",{float(np.broadcast_to(sigma, problem.stations.shape)[k])!r}"
-                                                    if sigma is not None else ""))
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    return forward.write_profile(path, problem.stations + shift, problem.g_obs, sigma)
 
 
 @pytest.fixture(scope="module")
