@@ -35,7 +35,7 @@ from gravity_flows.inference import amortized, correction, model_file
 from gravity_flows.inference.vi import TrainingDiverged
 from gravity_flows.reporting import output, report
 from gravity_flows.reporting.figures.amortized import plot_amortized, plot_survey
-from gravity_flows.scoring.reference import compute_reference, score
+from gravity_flows.scoring.reference import compute_reference
 
 #: The options this module adds, removed from a per-profile run's settings so that its summary is unchanged.
 OPTIONS = ("amortize", "model", "test_profiles", "simulations", "no_figures", "proposal")
@@ -352,32 +352,10 @@ def _profile_lines(row):
 
 
 def write_profile(folder, args, problem, reference, theta, results, wall_time_s):
-    """A profile's run outputs: ``report.write_results`` (summary.json, samples.npz, figures), or with
-    ``--no-figures`` the same summary.json and samples.npz without the figures."""
-    if not args.no_figures:
-        return report.write_results(folder, args, problem, reference, theta, results, wall_time_s)
-    # report.write_results always draws its figures; this is its summary without them
-    scores = score(theta, reference)
-    summary = {
-        "method": args.method,
-        "settings": {key: value for key, value in sorted(vars(args).items()) if key != "method"},
-        "data": report.data_description(problem),
-        "parameters": list(problem.names),
-        "units": [p.unit for p in problem.parameters],
-        "truth": None if problem.truth is None else np.asarray(problem.truth).tolist(),
-        "posterior": report.posterior_summary(theta),
-        "reference": reference.summary(),
-        "error": scores["error"],
-        "w1_over_sd": scores["w1_over_sd"],
-        **results,
-        "wall_time_s": wall_time_s,
-        "interrupted": False,
-        "versions": report.versions(),
-    }
-    output.write_npz(folder / "samples.npz", theta=theta, x=problem.stations, g_obs=problem.g_obs,
-                     sigma=np.asarray(problem.noise_sd, dtype=float), density=np.asarray(problem.density, dtype=float))
-    output.write_json(folder / "summary.json", summary)
-    return summary
+    """A profile's run outputs (``report.write_results``: summary.json, samples.npz, and unless
+    ``--no-figures`` its figures)."""
+    return report.write_results(folder, args, problem, reference, theta, results, wall_time_s,
+                                draw_figures=not args.no_figures)
 
 
 def survey_columns(parameters):

@@ -46,11 +46,12 @@ def posterior_summary(theta):
             "q05": quantiles[0].tolist(), "q50": quantiles[1].tolist(), "q95": quantiles[2].tolist()}
 
 
-def write_results(out, args, problem, reference, theta, method_results, wall_time_s, interrupted=False):
+def write_results(out, args, problem, reference, theta, method_results, wall_time_s, interrupted=False, draw_figures=True):
     """Score the samples, write summary.json, samples.npz, marginals/pairs/predictive_check.png.
 
     ``method_results`` holds the method's own numbers (ELBO/KL or acceptance/ESS, ...). Returns the
-    summary dict. Figures and the summary are written even when a diagnostic is unreliable.
+    summary dict. Figures and the summary are written even when a diagnostic is unreliable;
+    ``draw_figures=False`` leaves the figures out (an amortized survey's ``--no-figures``).
     """
     theta = np.asarray(theta, dtype=float)
     scores = score(theta, reference)
@@ -79,14 +80,20 @@ def write_results(out, args, problem, reference, theta, method_results, wall_tim
         sigma=np.asarray(problem.noise_sd, dtype=float),
         density=np.asarray(problem.density, dtype=float),
     )
+    if draw_figures:
+        _plot_run(out, args, problem, reference, theta, scores, title)
+    output.write_json(out / "summary.json", summary)
+    return summary
+
+
+def _plot_run(out, args, problem, reference, theta, scores, title):
+    """The figures every run draws: marginals, pairs and the predictive check."""
     rng = np.random.default_rng(args.seed)
     figures.plot_marginals(out / "marginals.png", theta, reference, problem.truth, title=title, scores=scores["w1_over_sd"],
                            parameters=problem.parameters, bounds=problem.bounds)
     figures.plot_pairs(out / "pairs.png", theta, reference, problem.truth, title=title, parameters=problem.parameters,
                        bounds=problem.bounds)
     figures.plot_predictive_check(out / "predictive_check.png", problem, theta, rng, title=title)
-    output.write_json(out / "summary.json", summary)
-    return summary
 
 
 def inaccurate_warning(summary):
