@@ -612,6 +612,11 @@ def check_models(models, flows):
             raise DataError(f"--models {models}: no {source}/model.pt and summary.json (made by compare.py --amortized)")
 
 
+def test_set(run):
+    """The held-out test set's results of one flow's run (rows and aggregates); {} where it has none."""
+    return ((run["summary"] or {}).get("amortized") or {}).get("test") or {}
+
+
 def test_profile_key(summary):
     """What identifies the test set a model was scored on: (profile index, truth) of every row."""
     return [(row["profile"], row["truth"]) for row in summary["amortized"]["test"]["rows"]]
@@ -677,7 +682,7 @@ def break_even(train_seconds, posterior_seconds, mcmc_seconds):
 def amortized_row(run, mcmc_seconds):
     """The table row of one flow's amortized run (AMORTIZED_COLUMNS)."""
     row = {"method": run["method"], "status": _status_text(run)}
-    test = ((run["summary"] or {}).get("amortized") or {}).get("test") or {}
+    test = test_set(run)
     if not test.get("profiles"):
         return row
     training = run["summary"]["amortized"]
@@ -765,7 +770,7 @@ def compare_amortized(args, started):
         else:
             run = run_amortized(method, args, folder)
         runs.append(run)
-        test = ((run["summary"] or {}).get("amortized") or {}).get("test") or {}
+        test = test_set(run)
         if test.get("profiles"):
             print(f"compare:   {method}: trained in {run['summary']['amortized']['train_time_s']:.1f} s; "
                   f"{test['profiles']} test profiles, median error {test['median_error']:.4f}, "
@@ -775,7 +780,7 @@ def compare_amortized(args, started):
         if run["status"] == cli.EXIT_INTERRUPTED:
             print("compare: interrupted; writing the table of the methods done", file=sys.stderr)
             break
-    scored = [run for run in runs if ((run["summary"] or {}).get("amortized") or {}).get("test", {}).get("profiles")]
+    scored = [run for run in runs if test_set(run).get("profiles")]
     key = test_profile_key(scored[0]["summary"]) if scored else []
     if scored:
         for run in scored[1:]:
