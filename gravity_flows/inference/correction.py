@@ -64,7 +64,6 @@ ADAPT_ROUNDS = 4
 ADAPT_DRAWS = 4096
 DEFENSIVE_SHARE = 0.1
 T_DEGREES = 5
-SCALE_INFLATION = 1.0
 
 
 class FlowProposal:
@@ -88,15 +87,19 @@ class FlowProposal:
     def base_log_density(self, eps):
         return standard_normal_log_density(eps)
 
+    def log_weights(self, theta, log_r):
+        """log p(d, theta) - log r(theta), the likelihood :data:`LIKELIHOOD_CHUNK` draws at a time."""
+        log_like = torch.cat([self.log_likelihood(part) for part in theta.split(LIKELIHOOD_CHUNK)])
+        return log_like + self.log_prior - log_r
+
     @torch.no_grad()
     def draw(self, n, generator):
         thetas, log_weights, base_points = [], [], []
         for start in range(0, n, FLOW_CHUNK):
             eps = self.base_sample(min(FLOW_CHUNK, n - start), start, generator)
             theta, log_det = self.model.push(eps, self.context)
-            log_like = torch.cat([self.log_likelihood(part) for part in theta.split(LIKELIHOOD_CHUNK)])
             thetas.append(theta.cpu().numpy())
-            log_weights.append((log_like + self.log_prior - self.base_log_density(eps) + log_det).cpu().numpy())
+            log_weights.append(self.log_weights(theta, self.base_log_density(eps) - log_det).cpu().numpy())
             base_points.append(eps.cpu().numpy())
         return np.concatenate(thetas), np.concatenate(log_weights), np.concatenate(base_points)
 
@@ -198,9 +201,8 @@ class UnconstrainedProposal(_Mixture):
             theta = torch.cat([theta_flow, theta_t])
             log_r = self.log_mixture(torch.cat([log_q_flow, log_q_t]),
                                      torch.cat([log_t_flow, self.log_t(u) - log_dtheta_du]))
-            log_like = torch.cat([self.log_likelihood(part) for part in theta.split(LIKELIHOOD_CHUNK)])
             thetas.append(theta.cpu().numpy())
-            log_weights.append((log_like + self.log_prior - log_r).cpu().numpy())
+            log_weights.append(self.log_weights(theta, log_r).cpu().numpy())
             base_points.append(torch.cat([eps, eps_t]).cpu().numpy())
         return np.concatenate(thetas), np.concatenate(log_weights), np.concatenate(base_points)
 
