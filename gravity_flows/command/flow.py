@@ -39,6 +39,7 @@ the 2-core machine while other benchmarks ran):
 """
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ from gravity_flows.inference import refine
 from gravity_flows.inference.amortized import ConditionedPosterior
 from gravity_flows.inference.start import Start, choose_start
 from gravity_flows.inference.vi import (FlowPosterior, TrainingDiverged, evaluate, importance_diagnostics,
-                                        standardisation, train)
+                                        prior_centre, standardisation, train)
 from gravity_flows.reporting import figures, report
 from gravity_flows.scoring import convergence
 from gravity_flows.scoring.reference import score
@@ -234,6 +235,10 @@ def run_flow_method(args, build_layers):
                 chosen = choose_start(args.init, problem, laplace)
         setup_seconds = cli.setup_seconds(timing, laplace, loading.seconds + choosing.seconds)
         resolve_defaults(args, chosen.init)
+        centred = [name for name, shift in zip(problem.names, prior_centre(laplace)) if shift] if chosen.init == "prior" else []
+        if centred:
+            chosen = dataclasses.replace(chosen, reason=f"{chosen.reason}; the flow's frame centred on the mode in "
+                                                       f"{', '.join(centred)}, whose posterior is pressed on a bound")
         print(f"start: {chosen.init} ({chosen.reason})" + (f"; annealing over {100 * args.anneal:.0f} % of "
               f"{args.iterations} iterations" + (f" at most (adaptive, ESS {args.anneal_ess:g})" if args.anneal_ess else "")
               if args.anneal else ""), file=sys.stderr)
