@@ -309,3 +309,14 @@ def test_scoring_at_checkpoints_is_not_counted_as_training_time(method_timer):
     assert elapsed - seconds >= 300.0  # the three pauses are not training
     assert 0 < seconds <= elapsed - 300.0
     assert all(a[1] < b[1] for a, b in zip(calls, calls[1:])) and calls[-1][1] <= seconds
+
+
+def test_the_prior_frame_moves_only_to_a_mode_pressed_on_a_bound():
+    """From the prior the flow's frame is the box's centre, u = 0, except in a coordinate whose mode lies beyond
+    PRESSED_U in u; with weak data (the mode no guide) nowhere."""
+    laplace = types.SimpleNamespace(u_map=np.array([-6.7, 2.9, -3.1, 0.2]), weak=False)
+    np.testing.assert_array_equal(vi.prior_centre(laplace), [-6.7, 0.0, -3.1, 0.0])
+    shift, scale_tril = vi.standardisation("prior", laplace)
+    np.testing.assert_array_equal(shift, [-6.7, 0.0, -3.1, 0.0])
+    np.testing.assert_array_equal(scale_tril, np.eye(4))
+    np.testing.assert_array_equal(vi.prior_centre(types.SimpleNamespace(u_map=laplace.u_map, weak=True)), np.zeros(4))
