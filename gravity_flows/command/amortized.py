@@ -35,13 +35,12 @@ from gravity_flows.inference import amortized, correction, model_file
 from gravity_flows.inference.vi import TrainingDiverged
 from gravity_flows.reporting import output, report
 from gravity_flows.reporting.figures.amortized import plot_amortized, plot_survey
-from gravity_flows.scoring.reference import compute_reference
+from gravity_flows.scoring.reference import ERROR_GOAL, compute_reference
 
 #: The options this module adds, removed from a per-profile run's settings so that its summary is unchanged.
 OPTIONS = ("amortize", "model", "test_profiles", "simulations", "no_figures", "proposal")
 #: The test profiles' draws come from the seed plus this (training's simulations use the seed itself).
 TEST_SEED_OFFSET = 1
-ERROR_GOAL = 0.05
 
 
 class _Profiles(argparse.Action):

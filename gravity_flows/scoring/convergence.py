@@ -18,10 +18,12 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from gravity_flows.scoring.reference import ERROR_GOAL
+
 #: Samples drawn from a flow at each checkpoint: the error of exact draws of this size is about 0.02.
 CHECKPOINT_SAMPLES = 4000
 #: The accuracy that counts as solved (the project's error goal).
-ERROR_LEVEL = 0.05
+ERROR_LEVEL = ERROR_GOAL
 
 
 def checkpoint_iterations(total, n, first=None):
