@@ -1,7 +1,6 @@
 """Cost against accuracy: checkpoint spacing, the cost to reach an error, and the MCMC checkpoint clock."""
 
 import numpy as np
-import pytest
 
 import forward
 from gravity_flows.scoring import convergence
