@@ -221,7 +221,7 @@ def rebuild(out):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().partition("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--out", default=str(ROOT / "figures" / "unusual_inputs"), help="output folder (default: %(default)s)")
+    parser.add_argument("--out", default=str(ROOT / "figures" / "unusual"), help="output folder (default: %(default)s)")
     parser.add_argument("--cases", help="comma-separated case names (default: all; --list shows them)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all seven)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
