@@ -411,9 +411,9 @@ def _check_ridge_goals(runs, total_seconds):
 
 
 def flow_against_mcmc(reach, ridge):
-    """Lines comparing each flow's seconds to reach error ERROR_LEVEL with MCMC's (measured in this run),
+    """Lines comparing each flow's seconds to reach error ERROR_GOAL with MCMC's (measured in this run),
     and whether the best flow needs at most FLOW_TIME_RATIO_GOAL of MCMC's time (None: not judged)."""
-    level = convergence.ERROR_LEVEL
+    level = ERROR_GOAL
     mcmc = reach.pop("MCMC", None)
     lines = [f"Time to reach error {level:g} and stay there (checkpoints of this run; empty: never):", ""]
     if mcmc is None:
@@ -495,7 +495,7 @@ def main(argv=None):
                                bounds=problem.bounds)
         figures.plot_convergence(out / "convergence.png", [
             {"label": run["method"], "points": run["summary"].get("convergence") or []} for run in done],
-            level=convergence.ERROR_LEVEL, title=title)
+            level=ERROR_GOAL, title=title)
         figures.plot_cost_accuracy(out / "cost_accuracy.png", [
             {"label": run["method"], "wall_time_s": run["summary"]["wall_time_s"], "error": run["summary"]["error"],
              "kl": run["summary"].get("kl"), "kl_se": run["summary"].get("elbo_se")} for run in done], ERROR_GOAL, KL_GOAL, title=title)
@@ -528,7 +528,7 @@ def main(argv=None):
             "iterations each, after a warm-up.")
     notes.append(f"- error 0.05 reached: seconds of the method's own work (training or sampling and drawing its samples; "
                  "the Laplace approximation, the exact reference and the scoring are not counted) and likelihood "
-                 f"evaluations until its error stayed at or below {convergence.ERROR_LEVEL:g} at every later checkpoint "
+                 f"evaluations until its error stayed at or below {ERROR_GOAL:g} at every later checkpoint "
                  f"({args.checkpoints} checkpoints per method; flows: {convergence.CHECKPOINT_SAMPLES} draws each, then "
                  "the final and the refined draws; MCMC: the kept states so far, after its burn-in). flow alone: the "
                  f"flow's error before `--refine {args.refine}`; refine k-hat above 0.7: the refined draws cannot be trusted.")

@@ -22,8 +22,6 @@ from gravity_flows.scoring.reference import ERROR_GOAL
 
 #: Samples drawn from a flow at each checkpoint: the error of exact draws of this size is about 0.02.
 CHECKPOINT_SAMPLES = 4000
-#: The accuracy that counts as solved (the project's error goal).
-ERROR_LEVEL = ERROR_GOAL
 
 
 def checkpoint_iterations(total, n, first=None):
@@ -45,7 +43,7 @@ class Recorder:
                             "error": float(error), **extra})
 
 
-def cost_to_reach(points, level=ERROR_LEVEL):
+def cost_to_reach(points, level=ERROR_GOAL):
     """``(seconds, evaluations)`` of the first point from which every later error is <= ``level``; (None, None) if none.
 
     ``points`` are dicts with ``seconds``, ``evaluations`` and ``error``, in the order of the run.
