@@ -78,11 +78,13 @@ AMORTIZED_DEFAULTS = {"iterations": 10_000, "flows": 3, "lr": 1e-3}
 AMORTIZED_START = {"iterations": 1000, "lr": 1e-3}
 
 
-def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=False, amortized_defaults=None):
+def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=False, amortized_defaults=None,
+                clip_norm=None):
     """The common options plus the flow options, with this method's defaults (``hidden=None``: no conditioner).
 
-    ``iterations``, ``flows`` and ``lr`` are numbers or ``{"laplace": .., "prior": ..}``: the default
-    then depends on the start that ``--init`` (or ``auto``) chooses; :func:`resolve_defaults` fills them in.
+    ``iterations``, ``flows``, ``lr`` and ``clip_norm`` (None: no clipping) are numbers or ``{"laplace": ..,
+    "prior": ..}``: the default then depends on the start that ``--init`` (or ``auto``) chooses;
+    :func:`resolve_defaults` fills them in.
     ``amortized_defaults``: this method's ``{"iterations", "flows", "lr"}`` with ``--amortize``
     (default :data:`AMORTIZED_DEFAULTS`).
     """
@@ -95,13 +97,17 @@ def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=Fal
                   f"{AMORTIZED_START['iterations']}, --lr {AMORTIZED_START['lr']:g}, --anneal 0). On the mass ridge "
                   "(--density-bounds) the ELBO shrinks it onto part of the ridge (measured: flow.py); --model alone, "
                   "corrected by importance weights, is the better answer there")
-    iterations, flows, lr = _by_start(iterations), _by_start(flows), _by_start(lr)
-    parser.set_defaults(default_iterations=iterations, default_flows=flows, default_lr=lr)
+    iterations, flows, lr, clip_norm = _by_start(iterations), _by_start(flows), _by_start(lr), _by_start(clip_norm)
+    parser.set_defaults(default_iterations=iterations, default_flows=flows, default_lr=lr, default_clip_norm=clip_norm)
 
     def by_start(values):
         if values["laplace"] == values["prior"]:
             return f"{values['laplace']}"
         return f"{values['laplace']} from the Laplace start, {values['prior']} from the prior"
+
+    def clipping(values):
+        said = {start: "none" if value is None else f"{value:g}" for start, value in values.items()}
+        return "" if said["laplace"] == said["prior"] == "none" else f" (default: {by_start(said)})"
 
     group = parser.add_argument_group("flow and training")
     group.add_argument("--flows", type=cli.positive_int, help=f"number of flow layers (default: {by_start(flows)})")
@@ -121,7 +127,8 @@ def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=Fal
                             "geometrically over the whole share (default: %(default)s; on the mass ridge 0.5 halved the "
                             "iterations but the flows then settled on part of the ridge)")
     clip = group.add_mutually_exclusive_group()
-    clip.add_argument("--clip-norm", type=cli.positive_float, metavar="X", help="clip the gradient's norm to X")
+    clip.add_argument("--clip-norm", type=cli.positive_float, metavar="X",
+                      help=f"clip the gradient's norm to X{clipping(clip_norm)}")
     clip.add_argument("--clip-value", type=cli.positive_float, metavar="X", help="clip every gradient component to [-X, X]")
     group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: %(default)s)")
     if spline:
@@ -160,9 +167,11 @@ def resolve_defaults(args, init):
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.clip_norm is None and args.clip_value is None and init != "amortized":
+        args.clip_norm = args.default_clip_norm[init]
     if args.anneal is None:
         args.anneal = ANNEAL_FROM_PRIOR if init == "prior" else 0.0
-    del args.default_iterations, args.default_flows, args.default_lr
+    del args.default_iterations, args.default_flows, args.default_lr, args.default_clip_norm
     return args
 
 
