@@ -102,9 +102,10 @@ def short_of_goal_warning(summary):
 
     Measured (bench/unusual_inputs.py): the flow runs of the sweep in this band had marginals too narrow, sd
     0.86-0.92 of the exact one (reverse-KL training under-covers the posterior's ends). ``--refine importance``
-    corrects some: coupling_NSF on the free cavity 0.098 -> 0.030, on the cut ridge 0.074 -> 0.037 (but k-hat
-    0.80: flagged), planar beyond the stations 0.080 -> 0.049 (k-hat 0.91, flagged); not others: auto_NSF and
-    coupling_NSF beyond the stations stay at 0.10 with k-hat <= 0.7, as weights cannot restore mass q never draws."""
+    corrects some: coupling_NSF (3 layers, unclipped, its former prior-start defaults) on the free cavity 0.098 ->
+    0.030, on the cut ridge 0.074 -> 0.037 (but k-hat 0.80: flagged), planar beyond the stations 0.080 -> 0.049
+    (k-hat 0.91, flagged); not others: auto_NSF and coupling_NSF beyond the stations stay at 0.10 with k-hat <=
+    0.7, as weights cannot restore mass q never draws."""
     worst = int(np.argmax(summary["w1_over_sd"]))
     name = summary["parameters"][worst]
     ratio = summary["posterior"]["sd"][worst] / summary["reference"]["sd"][worst]
