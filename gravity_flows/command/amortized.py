@@ -111,7 +111,7 @@ def resolve_defaults(args):
     for name in ("iterations", "flows", "lr"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
-    for name in ("default_iterations", "default_flows", "default_lr", "default_clip_norm", "amortized_defaults"):
+    for name in ("start_defaults", "amortized_defaults"):
         if hasattr(args, name):
             delattr(args, name)
     return args

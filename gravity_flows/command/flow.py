@@ -98,7 +98,7 @@ def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=Fal
                   "(--density-bounds) the ELBO shrinks it onto part of the ridge (measured: flow.py); --model alone, "
                   "corrected by importance weights, is the better answer there")
     iterations, flows, lr, clip_norm = _by_start(iterations), _by_start(flows), _by_start(lr), _by_start(clip_norm)
-    parser.set_defaults(default_iterations=iterations, default_flows=flows, default_lr=lr, default_clip_norm=clip_norm)
+    parser.set_defaults(start_defaults={"iterations": iterations, "flows": flows, "lr": lr, "clip_norm": clip_norm})
 
     def by_start(values):
         if values["laplace"] == values["prior"]:
@@ -160,18 +160,17 @@ def resolve_defaults(args, init):
     From the amortized start (the flow's options are then the model's, ``amortized.start_options``)
     the defaults are :data:`AMORTIZED_START` and no annealing, for every flow."""
     if init == "amortized":
-        defaults = {"iterations": AMORTIZED_START["iterations"], "lr": AMORTIZED_START["lr"], "flows": args.flows}
+        defaults = {**AMORTIZED_START, "flows": args.flows, "clip_norm": None}
     else:
-        defaults = {"iterations": args.default_iterations[init], "lr": args.default_lr[init],
-                    "flows": args.default_flows[init]}
+        defaults = {name: by_start[init] for name, by_start in args.start_defaults.items()}
+    if args.clip_value is not None:
+        defaults["clip_norm"] = None  # one clipping at a time: --clip-value replaces the default --clip-norm
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.clip_norm is None and args.clip_value is None and init != "amortized":
-        args.clip_norm = args.default_clip_norm[init]
     if args.anneal is None:
         args.anneal = ANNEAL_FROM_PRIOR if init == "prior" else 0.0
-    del args.default_iterations, args.default_flows, args.default_lr, args.default_clip_norm
+    del args.start_defaults
     return args
 
 

@@ -106,7 +106,7 @@ def prior_centre(laplace):
     The spline layers act on y only within their tail bound (±5 by default) and are the identity outside. A
     posterior pressed on a prior bound lies far out in u (examples/profile.csv: x0 = 0.012 ± 0.012 m in
     [0, 10] m, u = -6.7), out of their reach: from u = 0, auto_NSF and coupling_NSF piled up at the tail
-    bound (x0 = 0.076 m) and missed by 5.6 posterior sd. Centred on the mode there, they score 0.02-0.03
+    bound (x0 = 0.076 m) and missed by 5.6 posterior sd. Centred on the mode there, they score 0.02-0.035
     (density known and free). Where the mode lies within ``PRESSED_U`` nothing changes: centring every
     coordinate on the mode made coupling_NSF worse on the mass ridge (seeds 0-2: 0.27, 0.30, 0.10 against
     0.11, 0.10, 0.19) and planar too (seeds 1-2: 0.073, 0.079). Where the data barely constrain the body

@@ -277,7 +277,7 @@ def test_sweep_spec_forms(argv):
 def test_script_parser_gives_the_script_s_own_options():
     flow = sweep.script_parser(Gravity_coupling_NSF.main).parse_args([])
     # --iterations defaults by the start --init chooses (flow.resolve_defaults), 2000 from the Laplace start
-    assert (flow.method, flow.bins, flow.iterations, flow.default_iterations["laplace"]) == ("coupling_NSF", 8, None, 2000)
+    assert (flow.method, flow.bins, flow.iterations, flow.start_defaults["iterations"]["laplace"]) == ("coupling_NSF", 8, None, 2000)
     assert sweep.script_parser(Gravity_MCMC.main).get_default("out").endswith("MCMC")
 
 
