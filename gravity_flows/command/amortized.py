@@ -174,8 +174,7 @@ def train_run(args, build_layers, device):
         _save_model(out / output.MODEL_FILE, record)
         print(f"wrote {out / 'model.pt'} ({history.size} steps in {train_seconds:.0f} s)", file=sys.stderr)
 
-        model = model.double()
-        rows, scoring_interrupted = score_test_set(model, survey, args)
+        rows, scoring_interrupted = score_test_set(model.to(correction.PRECISION), survey, args)
     plot_amortized(out / "amortized.png", rows, survey.parameters, title=f"{args.method}, amortized",
                    error_goal=ERROR_GOAL, loss=history)
     results = {**training, "n_parameters": n_parameters, "loss_history_every_100": history[::100].tolist(),
@@ -241,8 +240,9 @@ def _test_report(method, results):
 # --model
 
 
-def load_model(args, build_layers, device):
-    """The model record of ``--model``, checked against this script and the prior options, and its network."""
+def load_model(args, build_layers, device, dtype=correction.PRECISION):
+    """The model record of ``--model``, checked against this script and the prior options, and its network
+    in ``dtype``: the correction's precision for applying it, float64 for a per-profile fit (``--init amortized``)."""
     path = args.model
     record = model_file.read_model(path)
     model_file.check_method(record, args.method, path)
@@ -261,7 +261,7 @@ def load_model(args, build_layers, device):
     if made_with:  # the weights load on any version and device (plain tensors); say what differs, in one line
         print(f"warning: {path} was made with " + ", ".join(f"{name} {version}" for name, version in made_with.items())
               + "; this is " + ", ".join(f"{name} {report.versions()[name]}" for name in made_with), file=sys.stderr)
-    return record, model.to(device=device, dtype=torch.float64)
+    return record, model.to(device=device, dtype=dtype)
 
 
 def check_start_profile(record, problem, args):

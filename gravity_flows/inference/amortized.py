@@ -48,7 +48,9 @@ shared with other work, so CPU seconds are quoted beside wall seconds):
   67 % of 30 profiles, within their noise), so the scripts' own options stand; the layer counts are
   the per-profile defaults from the Laplace start (``flow_parser(amortized_defaults=...)``).
 - Precision: training runs in float32 (40 ms a step against 70 ms in float64, 256 simulations, one
-  thread); the model is applied in float64, in which the importance weights are computed.
+  thread), and it is applied in float32 too (``correction.PRECISION``: half the time per profile, the
+  same accuracy); only the log weights' smoothing and resampling run in float64. A per-profile fit from
+  the model (``--init amortized``) trains in float64, as every per-profile flow does.
 - Summary network and context: 3 layers of 256 SiLU units into a context of 64 (the prototype's size,
   not varied here); the input scaling is measured by what it has to span (:class:`SummaryNetwork`).
 """

@@ -49,3 +49,23 @@ def test_laplace_log_weights_are_log_p_over_q(default_problem, default_laplace):
     np.testing.assert_allclose(log_weights, expected, rtol=1e-9, atol=1e-6)
     # where the Laplace Gaussian is nearly exact, the weights are nearly flat: ESS close to 1
     assert diagnostics.importance_ess(log_weights) > 0.95
+
+
+def test_a_laplace_start_that_is_nearly_the_posterior_trains_the_short_budget():
+    """From the Laplace start the default --iterations is at most flow.CLOSE_LAPLACE_ITERATIONS where --init auto
+    found its importance ESS >= flow.CLOSE_LAPLACE_ESS; not where it is lower, not where it was not judged
+    (--init laplace), not where --iterations is given, and never from the prior."""
+    import Gravity_planar
+    from gravity_flows.command import flow
+
+    def iterations(argv, init, ess):
+        return flow.resolve_defaults(Gravity_planar.build_parser().parse_args(argv), init, ess).iterations
+
+    long = Gravity_planar.build_parser().parse_args([]).start_defaults["iterations"]
+    assert flow.CLOSE_LAPLACE_ITERATIONS < long["laplace"]
+    assert iterations([], "laplace", 0.999) == flow.CLOSE_LAPLACE_ITERATIONS
+    assert iterations([], "laplace", flow.CLOSE_LAPLACE_ESS) == flow.CLOSE_LAPLACE_ITERATIONS
+    assert iterations([], "laplace", 0.59) == long["laplace"]  # outside-span's Laplace Gaussian: more to learn
+    assert iterations([], "laplace", None) == long["laplace"]
+    assert iterations(["--iterations", "2500"], "laplace", 0.999) == 2500
+    assert iterations([], "prior", 0.999) == long["prior"]

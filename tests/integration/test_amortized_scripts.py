@@ -196,7 +196,7 @@ def test_init_amortized_starts_from_the_models_q_of_this_profile(trained, tmp_pa
 
     script = runpy.run_path(str(ROOT / SCRIPT), run_name="script")
     options = script["build_parser"]().parse_args(["--model", str(model_folder / "model.pt"), "--data", str(profiles[1])])
-    _, network = command.load_model(options, script["build_layers"], torch.device("cpu"))
+    _, network = command.load_model(options, script["build_layers"], torch.device("cpu"), dtype=torch.float64)
     _, g_obs, _ = forward.read_profile(profiles[1])
     conditioned = amortized.ConditionedPosterior(network, g_obs)
     generator = torch.Generator().manual_seed(0)

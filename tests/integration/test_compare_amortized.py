@@ -195,6 +195,9 @@ def test_the_goals_take_the_best_of_the_accurate_flows():
     assert (passed, checked) == (1, 2) and "FAIL" in lines[1] and "PASS" in lines[2]
     lines, passed, checked = compare.amortized_goals(rows, 1.0, 3600.0, ridge=False)
     assert (passed, checked) == (0, 2)
+    # --models: the models' training counts towards the whole comparison's time, beside the scoring here
+    lines, passed, checked = compare.amortized_goals(rows, 1.0, 600.0, ridge=False, trained_elsewhere_s=2400.0)
+    assert (passed, checked) == (0, 2) and "3000 s" in lines[2] and "600 s here" in lines[2]
 
 
 def test_models_without_a_trained_model_is_one_line(tmp_path, profile_csv):
