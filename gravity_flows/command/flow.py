@@ -67,7 +67,7 @@ ANNEAL_FROM_PRIOR = 0.6
 #: CLOSE_LAPLACE_ITERATIONS: where ``--init auto`` found the Laplace Gaussian's importance ESS against the
 #: posterior at least CLOSE_LAPLACE_ESS (``Start.is_ess``). Training then only has to keep q there while
 #: the cosine-decayed rate settles. Measured, error = largest W1/sd against the exact reference:
-#: - the default problem (ESS 99.9 %; the Laplace Gaussian alone: error 0.013, KL 0.0001), all six flows,
+#: - the default problem (ESS 99.9 %; the Laplace Gaussian alone: KL 0.0004 nats), all six flows,
 #:   seeds 0/1/2: 1000 iterations 0.010-0.024, KL <= 0.0012; 500, 0.010-0.024, KL <= 0.0018; the scripts'
 #:   2000-3000, 0.016-0.022 and KL <= 0.0004 (seed 0) at two to three times the time;
 #: - the unusual inputs (``bench/unusual_inputs.py``) at 1000 iterations: as good or better in the five
