@@ -286,7 +286,7 @@ def plot_cost_vs_survey(path, flows, mcmc, error_goal=None, title=""):
 
     Left: total seconds for n profiles, log–log over :data:`SURVEY_PROFILES`: a flow trains once and
     applies its model n times, train + n posterior; MCMC runs n times, n mcmc. A flow's line crosses
-    MCMC's at its break-even, marked and labelled. Right: the test-set errors of every flow (and of
+    MCMC's at its break-even, marked (its number is in the legend). Right: the test-set errors of every flow (and of
     MCMC on its profiles), one column each: a box (quartiles, median) over the points, log scale,
     the goal dashed.
     """
@@ -301,15 +301,15 @@ def plot_cost_vs_survey(path, flows, mcmc, error_goal=None, title=""):
         if train is None or per_profile is None:
             continue
         total = train + n * per_profile
-        left.plot(n, total, color=colour, lw=1.8, label=f"{flow['label']}: {_seconds(train)} training + "
-                                                        f"{_seconds(per_profile)} per profile")
-        shown += [total.min(), total.max()]
         crossing = flow.get("break_even")
+        # the break-even in the legend: the crossings of the faster flows lie close together, their numbers would overlap
+        even = "never cheaper" if crossing is None else f"cheaper from {crossing:d} profiles"
+        left.plot(n, total, color=colour, lw=1.8, label=f"{flow['label']}: {_seconds(train)} training + "
+                                                        f"{_seconds(per_profile)} per profile; {even}")
+        shown += [total.min(), total.max()]
         if crossing is not None and crossing <= SURVEY_PROFILES[1]:
             at = train + crossing * per_profile
             left.plot(crossing, at, marker=markers[k % len(markers)], ms=10, color=colour, mec="black", mew=0.8, ls="none")
-            left.annotate(f"{crossing:d}", (crossing, at), textcoords="offset points", xytext=(6, -12), fontsize=9,
-                          color=colour, fontweight="bold")
     if mcmc.get("time_s") is not None:
         total = n * mcmc["time_s"]
         left.plot(n, total, color=MCMC_COLOUR, lw=2.4, ls="--",
@@ -329,7 +329,7 @@ def plot_cost_vs_survey(path, flows, mcmc, error_goal=None, title=""):
     left.set_title(f"total time for a survey: train once and apply, or MCMC per profile\n"
                    f"(MCMC: its time to error {error_goal:g}, setup included)", fontsize=10.5)
     left.grid(True, which="both", color="0.9", lw=0.6)
-    left.legend(loc="upper left", fontsize=8.5, framealpha=0.9)
+    left.legend(loc="lower right", fontsize=8.5, framealpha=0.9)  # below the lines, which rise to the upper right
 
     columns = [(flow["label"], flow.get("errors") or [], cycle[k % len(cycle)]) for k, flow in enumerate(flows)]
     columns.append(("MCMC", mcmc.get("errors") or [], MCMC_COLOUR))
