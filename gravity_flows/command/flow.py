@@ -181,12 +181,12 @@ def resolve_defaults(args, init, laplace_is_ess=None):
     the defaults are :data:`AMORTIZED_START` and no annealing, for every flow. From the Laplace start
     with ``laplace_is_ess`` (``Start.is_ess``; None: not judged) at least :data:`CLOSE_LAPLACE_ESS`,
     the default ``--iterations`` is at most :data:`CLOSE_LAPLACE_ITERATIONS`."""
-    if init == "laplace" and args.iterations is None and laplace_is_ess is not None and laplace_is_ess >= CLOSE_LAPLACE_ESS:
-        args.iterations = min(args.start_defaults["iterations"]["laplace"], CLOSE_LAPLACE_ITERATIONS)
     if init == "amortized":
         defaults = {**AMORTIZED_START, "flows": args.flows, "clip_norm": None}
     else:
         defaults = {name: by_start[init] for name, by_start in args.start_defaults.items()}
+    if init == "laplace" and laplace_is_ess is not None and laplace_is_ess >= CLOSE_LAPLACE_ESS:
+        defaults["iterations"] = min(defaults["iterations"], CLOSE_LAPLACE_ITERATIONS)
     if args.clip_value is not None:
         defaults["clip_norm"] = None  # one clipping at a time: --clip-value replaces the default --clip-norm
     for name, value in defaults.items():

@@ -81,6 +81,11 @@ T_DEGREES = 5
 PRECISION = torch.float32
 
 
+def _host(tensor):
+    """A tensor of the correction (PRECISION, any device) as a float64 numpy array, for the weights' bookkeeping."""
+    return tensor.detach().cpu().double().numpy()
+
+
 class FlowProposal:
     """The flow itself as the importance proposal, q(theta | d): base points eps ~ N(0, I) pushed through
     the flow's map T(.; c) (``AmortizedPosterior.push``).
@@ -113,9 +118,9 @@ class FlowProposal:
         for start in range(0, n, FLOW_CHUNK):
             eps = self.base_sample(min(FLOW_CHUNK, n - start), start, generator)
             theta, log_det = self.model.push(eps, self.context)
-            thetas.append(theta.cpu().double().numpy())
-            log_weights.append(self.log_weights(theta, self.base_log_density(eps) - log_det).cpu().double().numpy())
-            base_points.append(eps.cpu().double().numpy())
+            thetas.append(_host(theta))
+            log_weights.append(_host(self.log_weights(theta, self.base_log_density(eps) - log_det)))
+            base_points.append(_host(eps))
         return np.concatenate(thetas), np.concatenate(log_weights), np.concatenate(base_points)
 
 
@@ -216,9 +221,9 @@ class UnconstrainedProposal(_Mixture):
             theta = torch.cat([theta_flow, theta_t])
             log_r = self.log_mixture(torch.cat([log_q_flow, log_q_t]),
                                      torch.cat([log_t_flow, self.log_t(u) - log_dtheta_du]))
-            thetas.append(theta.cpu().double().numpy())
-            log_weights.append(self.log_weights(theta, log_r).cpu().double().numpy())
-            base_points.append(torch.cat([eps, eps_t]).cpu().double().numpy())
+            thetas.append(_host(theta))
+            log_weights.append(_host(self.log_weights(theta, log_r)))
+            base_points.append(_host(torch.cat([eps, eps_t])))
         return np.concatenate(thetas), np.concatenate(log_weights), np.concatenate(base_points)
 
 
@@ -242,7 +247,7 @@ def moment_matched(points, log_weights):
 def _unconstrained(model, theta):
     with torch.no_grad():
         parameter = next(model.parameters())
-        return model.box.inverse(torch.as_tensor(theta, dtype=parameter.dtype, device=parameter.device))[0].cpu().double().numpy()
+        return _host(model.box.inverse(torch.as_tensor(theta, dtype=parameter.dtype, device=parameter.device))[0])
 
 
 @contextmanager
