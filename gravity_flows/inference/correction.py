@@ -30,6 +30,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from scipy.special import logsumexp
 
 import forward
 from gravity_flows.inference import refine
@@ -50,6 +51,8 @@ ESS_TARGET = 4000
 #: Draws of q in the first round, and the most drawn for one profile (then it is not trustworthy).
 FIRST_DRAWS = 8192
 MAX_DRAWS = 131_072
+#: The fewest draws added to the pool at once.
+MIN_ROUND = 1024
 #: Draws per pass of the flow, and per pass of the likelihood: the likelihood of 256 draws at 1000
 #: stations stays in the CPU's cache, and is ten times faster than that of 20000 at once (measured:
 #: 0.08 s against 0.80 s for 20000 draws); the flow is fastest a few thousand draws at a time.
@@ -107,21 +110,42 @@ class FlowProposal:
     def base_log_density(self, eps):
         return standard_normal_log_density(eps)
 
-    def log_weights(self, theta, log_r):
-        """log p(d, theta) - log r(theta), the likelihood :data:`LIKELIHOOD_CHUNK` draws at a time."""
-        log_like = torch.cat([self.log_likelihood(part) for part in theta.split(LIKELIHOOD_CHUNK)])
-        return log_like + self.log_prior - log_r
+    def log_density(self, record):
+        """log r at the draws of a record of any proposal of this flow (:meth:`draw_record`), from their
+        base points: log b(eps) - log|det dtheta/deps| (minus infinity where a base point is not finite)."""
+        with torch.no_grad():
+            eps = torch.as_tensor(record["eps"], dtype=self.dtype, device=self.device)
+            log_b = _host(self.base_log_density(eps))
+        with np.errstate(invalid="ignore"):  # a base point that is not finite: q is 0 there
+            return np.nan_to_num(log_b - record["log_det"], nan=-np.inf, posinf=-np.inf)
 
     @torch.no_grad()
-    def draw(self, n, generator):
-        thetas, log_weights, base_points = [], [], []
+    def draw_record(self, n, generator):
+        """n draws and what the pool needs of them, a dict of numpy arrays: ``theta``, ``eps`` (base points),
+        ``log_det`` (log|det dtheta/deps|), ``log_joint`` (log p(d, theta)) and ``log_r`` (this proposal's
+        log density)."""
+        parts = []
         for start in range(0, n, FLOW_CHUNK):
             eps = self.base_sample(min(FLOW_CHUNK, n - start), start, generator)
             theta, log_det = self.model.push(eps, self.context)
-            thetas.append(_host(theta))
-            log_weights.append(_host(self.log_weights(theta, self.base_log_density(eps) - log_det)))
-            base_points.append(_host(eps))
-        return np.concatenate(thetas), np.concatenate(log_weights), np.concatenate(base_points)
+            log_r = self.base_log_density(eps) - log_det
+            parts.append({"theta": theta, "eps": eps, "log_det": log_det, "log_joint": self.log_joint(theta),
+                          "log_r": log_r})
+        return _joined(parts)
+
+    def log_joint(self, theta):
+        """log p(d, theta), the likelihood :data:`LIKELIHOOD_CHUNK` draws at a time."""
+        return torch.cat([self.log_likelihood(part) for part in theta.split(LIKELIHOOD_CHUNK)]) + self.log_prior
+
+    def draw(self, n, generator):
+        """n draws: (theta, log weights log p(d, theta) - log r(theta), eps), numpy."""
+        record = self.draw_record(n, generator)
+        return record["theta"], record["log_joint"] - record["log_r"], record["eps"]
+
+
+def _joined(parts):
+    """The chunks of a record (dicts of tensors) as one record of float64 numpy arrays."""
+    return {key: np.concatenate([_host(part[key]) for part in parts]) for key in parts[0]}
 
 
 class _Mixture(FlowProposal):
@@ -155,9 +179,9 @@ class _Mixture(FlowProposal):
         """How many of the ``n`` draws from ``start`` on in this round are the flow's (the first round(a n) are)."""
         return min(max(self._round - start, 0), n)
 
-    def draw(self, n, generator):
+    def draw_record(self, n, generator):
         self._round = int(round(self.share * n))
-        return super().draw(n, generator)
+        return super().draw_record(n, generator)
 
 
 class AdaptedProposal(_Mixture):
@@ -200,31 +224,80 @@ class UnconstrainedProposal(_Mixture):
 
     space = "u"
 
+    def _log_mixture_at(self, eps, log_det, u, log_du_dtheta):
+        log_q = torch.nan_to_num(standard_normal_log_density(eps) - log_det, nan=-math.inf, posinf=-math.inf)
+        return self.log_mixture(log_q, self.log_t(u) + log_du_dtheta)
+
+    def log_density(self, record):
+        """log r at the draws of a record of any proposal of this flow: a q(theta) + (1 - a) t(u) |du/dtheta|."""
+        with torch.no_grad():
+            as_tensor = lambda array: torch.as_tensor(array, dtype=self.dtype, device=self.device)
+            u, log_du_dtheta = self.model.box.inverse(as_tensor(record["theta"]))
+            log_r = _host(self._log_mixture_at(as_tensor(record["eps"]), as_tensor(record["log_det"]), u, log_du_dtheta))
+        return np.nan_to_num(log_r, nan=-np.inf, posinf=-np.inf)
+
     @torch.no_grad()
-    def draw(self, n, generator):
+    def draw_record(self, n, generator):
         self._round = int(round(self.share * n))
         model, box = self.model, self.model.box
-        thetas, log_weights, base_points = [], [], []
+        parts = []
         for start in range(0, n, FLOW_CHUNK):
             size = min(FLOW_CHUNK, n - start)
             from_flow = self.from_flow(size, start)
             eps = torch.randn(from_flow, model.dim, generator=generator, dtype=self.dtype, device=self.device)
             theta_flow, log_det_flow = model.push(eps, self.context)
             u_flow, log_du_dtheta = box.inverse(theta_flow)
-            log_q_flow = standard_normal_log_density(eps) - log_det_flow
-            log_t_flow = self.log_t(u_flow) + log_du_dtheta
             u = self.sample_t(size - from_flow, generator)
             theta_t, log_dtheta_du = box(u)
-            eps_t, log_deps_dtheta = model.pull(theta_t, self.context)
             # where theta rounds onto the box's edge (|u| beyond ~37) the flow's inverse is not finite: q is 0 there
-            log_q_t = torch.nan_to_num(standard_normal_log_density(eps_t) + log_deps_dtheta, nan=-math.inf, posinf=-math.inf)
+            eps_t, log_deps_dtheta = model.pull(theta_t, self.context)
+            eps_all, log_det = torch.cat([eps, eps_t]), torch.cat([log_det_flow, -log_deps_dtheta])
             theta = torch.cat([theta_flow, theta_t])
-            log_r = self.log_mixture(torch.cat([log_q_flow, log_q_t]),
-                                     torch.cat([log_t_flow, self.log_t(u) - log_dtheta_du]))
-            thetas.append(_host(theta))
-            log_weights.append(_host(self.log_weights(theta, log_r)))
-            base_points.append(_host(torch.cat([eps, eps_t])))
-        return np.concatenate(thetas), np.concatenate(log_weights), np.concatenate(base_points)
+            log_r = self._log_mixture_at(eps_all, log_det, torch.cat([u_flow, u]),
+                                         torch.cat([log_du_dtheta, -log_dtheta_du]))
+            parts.append({"theta": theta, "eps": eps_all, "log_det": log_det, "log_joint": self.log_joint(theta),
+                          "log_r": log_r})
+        return _joined(parts)
+
+
+class MixturePool:
+    """Every draw of one profile's correction, from every proposal tried, weighed as draws of their
+    deterministic mixture (the balance heuristic, Veach & Guibas 1995; adaptive multiple importance
+    sampling, Cornuet, Marin, Mira & Robert 2012): with n_j draws from proposal r_j, N in all,
+
+        log w_i = log p(d, theta_i) - log sum_j (n_j / N) r_j(theta_i).
+
+    No draw is wasted when the proposal is adapted, and each weight is bounded by the best-fitting
+    proposal's, p / r_j * N / n_j. Every proposal is a map of the same flow, so r_j at another's draws
+    needs only their base points (:meth:`FlowProposal.log_density`)."""
+
+    def __init__(self):
+        self.proposals, self.counts, self.records, self.log_densities = [], [], [], []
+
+    def add(self, proposal, record):
+        if not any(known is proposal for known in self.proposals):
+            self.proposals.append(proposal)
+            self.counts.append(0)
+            for record_index, known in enumerate(self.records):
+                self.log_densities[record_index].append(proposal.log_density(known))
+        index = next(j for j, known in enumerate(self.proposals) if known is proposal)
+        self.counts[index] += record["theta"].shape[0]
+        self.records.append(record)
+        self.log_densities.append([record["log_r"] if known is proposal else known.log_density(record)
+                                   for known in self.proposals])
+
+    @property
+    def size(self):
+        return sum(self.counts)
+
+    def concatenated(self, key):
+        return np.concatenate([record[key] for record in self.records])
+
+    def log_weights(self):
+        log_shares = np.log(np.asarray(self.counts, dtype=float) / self.size)[:, None]
+        log_mixture = np.concatenate([logsumexp(log_shares + np.stack(densities), axis=0)
+                                      for densities in self.log_densities])
+        return self.concatenated("log_joint") - log_mixture
 
 
 def moment_matched(points, log_weights):
@@ -309,42 +382,46 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
     with torch.no_grad():
         context = model.context(data)
     proposal = FlowProposal(model, context, log_likelihood, log_prior)
-    pool_theta, pool_log_weights, pool_eps = proposal.draw(first_draws, generator)
-    flow_theta, first_round = pool_theta, pool_log_weights
-    best = diagnostics.importance_ess(pool_log_weights)
-    dim = pool_theta.shape[1]
+    first = proposal.draw_record(first_draws, generator)
+    first_round = first["log_joint"] - first["log_r"]
+    pool = MixturePool()
+    pool.add(proposal, first)
+    best = diagnostics.importance_ess(first_round)
+    dim = first["theta"].shape[1]
     flow_found_enough = best * first_draws >= dim * (dim + 3)
     rounds, spaces = 0, []
-    theta, log_weights, eps = pool_theta, pool_log_weights, pool_eps
-    while adapt and rounds < ADAPT_ROUNDS and best * pool_log_weights.size < ess_target:
-        # a t in the flow's base space, fitted to the latest kept draws; where the flow's own draws found too
-        # little for its map to be a guide, a t in u too, and the better of the two is kept
-        candidates = [AdaptedProposal(model, context, log_likelihood, log_prior, *moment_matched(eps, log_weights))]
+
+    def pool_ess():
+        log_weights = pool.log_weights()
+        smoothed, _ = diagnostics.pareto_smoothed_log_weights(log_weights)
+        return diagnostics.importance_ess(smoothed) * log_weights.size, log_weights
+
+    ess, pool_log_weights = pool_ess()
+    while adapt and rounds < ADAPT_ROUNDS and ess < ess_target:
+        # a t in the flow's base space, fitted to the pool; where the flow's own draws found too little for
+        # its map to be a guide, a t in u too; every round joins the pool, and the best grows it
+        candidates = [AdaptedProposal(model, context, log_likelihood, log_prior,
+                                      *moment_matched(pool.concatenated("eps"), pool_log_weights))]
         if not flow_found_enough:
             candidates.append(UnconstrainedProposal(model, context, log_likelihood, log_prior,
-                                                    *moment_matched(_unconstrained(model, theta), log_weights)))
-        tried = [(candidate, candidate.draw(ADAPT_DRAWS, generator)) for candidate in candidates]
-        candidate, (theta_new, log_weights_new, eps_new) = max(
-            tried, key=lambda pair: diagnostics.importance_ess(pair[1][1]))
-        fraction = diagnostics.importance_ess(log_weights_new)
+                                                    *moment_matched(_unconstrained(model, pool.concatenated("theta")),
+                                                                    pool_log_weights)))
+        tried = []
+        for candidate in candidates:
+            record = candidate.draw_record(ADAPT_DRAWS, generator)
+            pool.add(candidate, record)
+            tried.append((candidate, diagnostics.importance_ess(record["log_joint"] - record["log_r"])))
+        ess, pool_log_weights = pool_ess()
+        candidate, fraction = max(tried, key=lambda pair: pair[1])
         if not fraction > best:
-            break  # no better than the proposal they were fitted from: keep that one
+            break  # no better than the proposal they were fitted from: grow with that one
         proposal, best, rounds = candidate, fraction, rounds + 1
         spaces.append(candidate.space)
-        theta, log_weights, eps = theta_new, log_weights_new, eps_new
-        pool_theta, pool_log_weights = theta, log_weights
-    while True:
-        smoothed, _ = diagnostics.pareto_smoothed_log_weights(pool_log_weights)
-        fraction = diagnostics.importance_ess(smoothed)
-        size = pool_log_weights.size
-        if fraction * size >= ess_target or size >= max_draws:
-            break
-        wanted = int(math.ceil(1.1 * ess_target / max(fraction, 1e-12))) - size
-        more = min(max(wanted, size), max_draws - size)
-        theta, log_weights, _ = proposal.draw(more, generator)
-        pool_theta = np.concatenate([pool_theta, theta])
-        pool_log_weights = np.concatenate([pool_log_weights, log_weights])
-    theta, info = refine.importance_resample(pool_theta, pool_log_weights, n_samples, rng)
+    while ess < ess_target and pool.size < max_draws:
+        wanted = int(math.ceil(1.1 * (ess_target - ess) / max(best, 1e-12)))
+        pool.add(proposal, proposal.draw_record(min(max(wanted, MIN_ROUND), max_draws - pool.size), generator))
+        ess, pool_log_weights = pool_ess()
+    theta, info = refine.importance_resample(pool.concatenated("theta"), pool_log_weights, n_samples, rng)
     ess = info["is_ess"] * pool_log_weights.size
     report = {
         "khat": float(info["khat"]),
@@ -371,7 +448,7 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
     report["warning"] = None if not problems else (
         "this profile lies outside what the network learned (" + "; ".join(problems) + "): its corrected "
         "posterior cannot be trusted; run a per-profile fit for it")
-    return theta, flow_theta[:n_samples], report
+    return theta, first["theta"][:n_samples], report
 
 
 def corrected_profile_posterior(model, problem, n_samples, **options):

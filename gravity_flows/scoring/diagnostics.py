@@ -249,9 +249,11 @@ def _fit_pareto_tail(log_weights):
     if size < 25 or np.any(np.isnan(log_weights)) or np.any(log_weights == np.inf):
         return _ParetoTail(math.nan)
     tail_size = int(min(math.floor(0.2 * size), math.ceil(3.0 * math.sqrt(size))))
-    order = np.argsort(log_weights, kind="stable")
-    index = order[-tail_size:]
-    tail, threshold = log_weights[index], log_weights[order[-tail_size - 1]]
+    # the tail_size + 1 largest weights in increasing order: a partition, then a sort of those alone
+    largest = np.argpartition(log_weights, size - tail_size - 1)[size - tail_size - 1:]
+    order = largest[np.argsort(log_weights[largest], kind="stable")]
+    index = order[1:]
+    tail, threshold = log_weights[index], log_weights[order[0]]
     if not np.isfinite(threshold):
         return _ParetoTail(math.inf)
     top = tail[-1]
