@@ -410,6 +410,46 @@ def test_the_unconstrained_proposal_weights_use_its_exact_density(linear_gaussia
     assert np.allclose(np.median(u.numpy()[n_flow:], axis=0), location, atol=0.05)
 
 
+def test_the_pool_weighs_every_draw_by_the_mixture_of_every_proposal(linear_gaussian_flow):
+    """The deterministic-mixture weights of a pool of three rounds (the flow's own 2000, an adapted t in the
+    base space 1000, a t in u 500, and 1000 more of the first t), recomputed independently: log w =
+    log p - log sum_j (n_j / N) r_j with each r_j by scipy and the flow's inverse, at every draw of every
+    round. A round counted against the wrong proposal, or the shares left out, moves them by nats."""
+    problem, model = linear_gaussian_flow
+    _, data = problem(1, torch.Generator().manual_seed(27))
+    with torch.no_grad():
+        context = model.context(data[0])
+    log_likelihood = problem.log_likelihood(data[0])
+    base_t = (np.array([0.3, -0.2]), np.array([[0.4, 0.0], [0.1, 0.3]]))
+    u_t = (np.array([0.2, -0.1]), np.array([[0.3, 0.0], [0.05, 0.2]]))
+    flow = correction.FlowProposal(model, context, log_likelihood, 0.0)
+    in_base = correction.AdaptedProposal(model, context, log_likelihood, 0.0, *base_t)
+    in_u = correction.UnconstrainedProposal(model, context, log_likelihood, 0.0, *u_t)
+    pool, generator = correction.MixturePool(), torch.Generator().manual_seed(28)
+    for proposal, n in ((flow, 2000), (in_base, 1000), (in_u, 500), (in_base, 1000)):
+        pool.add(proposal, proposal.draw_record(n, generator))
+    assert pool.counts == [2000, 2000, 500] and pool.size == 4500
+    theta = torch.as_tensor(pool.concatenated("theta"))
+    with torch.no_grad():
+        log_q = model.log_prob(theta, context).numpy()
+        eps = model.pull(theta, context)[0].numpy()
+        u, log_du_dtheta = (part.numpy() for part in model.box.inverse(theta))
+        log_p = log_likelihood(theta).numpy()
+    share = correction.DEFENSIVE_SHARE
+    normal = stats.multivariate_normal(np.zeros(2), np.eye(2))
+
+    def t_logpdf(location, scale_tril, x):
+        return stats.multivariate_t(loc=location, shape=scale_tril @ scale_tril.T, df=correction.T_DEGREES).logpdf(x)
+
+    log_r = np.stack([
+        log_q,
+        np.logaddexp(np.log(share) + normal.logpdf(eps), np.log1p(-share) + t_logpdf(*base_t, eps)) + log_q - normal.logpdf(eps),
+        np.logaddexp(np.log(share) + log_q, np.log1p(-share) + t_logpdf(*u_t, u) + log_du_dtheta),
+    ])
+    log_mixture = np.logaddexp.reduce(np.log(np.array([2000, 2000, 500]) / 4500)[:, None] + log_r, axis=0)
+    np.testing.assert_allclose(pool.log_weights(), log_p - log_mixture, rtol=1e-7, atol=1e-7)
+
+
 def test_the_correction_runs_on_one_thread_and_gives_the_threads_back(linear_gaussian_flow):
     """The correction's small tensors run on one thread (correction.one_thread); the caller's setting is restored."""
     problem, model = linear_gaussian_flow
