@@ -364,8 +364,8 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
     adaptations' included, stays in the pool (:class:`MixturePool`): no draw is spent on adapting
     alone. Measured on the committed models against the correction that kept only the best
     proposal's rounds (``python compare.py --amortized [--density-bounds 1000 4000] --models ...``, 50
-    test profiles): the median posterior time per profile 0.055-0.145 s against 0.081-0.205 s with
-    the density known, 0.083-0.213 s against 0.097-0.297 s on the ridge, with the shares within 0.05
+    test profiles): the median posterior time per profile 0.058-0.142 s against 0.081-0.205 s with
+    the density known, 0.065-0.212 s against 0.097-0.297 s on the ridge, with the shares within 0.05
     unchanged within a few profiles either way (96-100 % against 94-98 %; 74-88 % against 64-86 %).
 
     Returns ``(theta (n_samples, dim), q_draws (<= n_samples, dim), report)``: the corrected draws,
