@@ -342,7 +342,7 @@ def one_thread():
 
 @one_thread()
 def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, generator, rng, ess_target=None,
-                        first_draws=None, max_draws=None, adapt=True):
+                        first_draws=None, max_draws=None, adapt=True, gaussian_in_u=None):
     """The importance-corrected posterior of one profile ``data`` (N,): ``n_samples`` draws and a report.
 
     ``log_likelihood`` is the profile's exact log-likelihood, a torch function of theta (n, dim) (for
@@ -396,7 +396,7 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
     best = diagnostics.importance_ess(first_round)
     dim = first["theta"].shape[1]
     flow_found_enough = best * first_draws >= dim * (dim + 3)
-    rounds, spaces = 0, []
+    rounds, spaces, laplace_drawn = 0, [], False
 
     def pool_ess():
         log_weights = pool.log_weights()
@@ -413,6 +413,12 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
             candidates.append(UnconstrainedProposal(model, context, log_likelihood, log_prior,
                                                     *moment_matched(_unconstrained(model, pool.concatenated("theta")),
                                                                     pool_log_weights)))
+            gaussian = gaussian_in_u() if rounds == 0 and gaussian_in_u is not None else None
+            if gaussian is not None:
+                at_laplace = UnconstrainedProposal(model, context, log_likelihood, log_prior, gaussian[0],
+                                                   np.linalg.cholesky(gaussian[1]))
+                at_laplace.space, laplace_drawn = "u at the Laplace fit", True
+                candidates.append(at_laplace)
         tried = []
         for candidate in candidates:
             record = candidate.draw_record(ADAPT_DRAWS, generator)
@@ -444,7 +450,7 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
     }
     problems = []
     flow_ess = report["vi_is_ess"] * first_round.size
-    if rounds and not flow_found_enough:
+    if rounds and not flow_found_enough and not laplace_drawn:
         problems.append(f"the flow's own draws found too little of the posterior (ESS {flow_ess:.0f} < {dim * (dim + 3)}) "
                         "for the proposal adapted from them to be relied on")
     if not report["khat"] <= diagnostics.PSIS_KHAT_LIMIT:
@@ -462,7 +468,16 @@ def corrected_profile_posterior(model, problem, n_samples, **options):
     """:func:`corrected_posterior` of a gravity profile (a :class:`forward.Problem`), with its exact likelihood."""
     parameter = next(model.parameters())
     log_likelihood = forward.TorchLikelihood(problem).to(device=parameter.device, dtype=parameter.dtype)
-    return corrected_posterior(model, problem.g_obs, log_likelihood, problem.log_prior_density, n_samples, **options)
+
+    def laplace_in_u():
+        try:
+            laplace = forward.laplace_approximation(problem)
+        except forward.DataError:  # data no posterior explains: the flow's draws are all there is
+            return None
+        return laplace.u_map, laplace.u_cov
+
+    return corrected_posterior(model, problem.g_obs, log_likelihood, problem.log_prior_density, n_samples,
+                               gaussian_in_u=laplace_in_u, **options)
 
 
 
