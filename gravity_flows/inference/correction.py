@@ -226,8 +226,11 @@ class UnconstrainedProposal(_Mixture):
     space = "u"
 
     def _log_mixture_at(self, eps, log_det, u, log_du_dtheta):
+        """log r from a draw's base point and its u: where eps is not finite q is 0, and where theta rounds onto
+        the box's edge (u infinite: there the t's density in u is 0 and |du/dtheta| infinite) the t's is taken as 0."""
         log_q = torch.nan_to_num(standard_normal_log_density(eps) - log_det, nan=-math.inf, posinf=-math.inf)
-        return self.log_mixture(log_q, self.log_t(u) + log_du_dtheta)
+        log_t = torch.nan_to_num(self.log_t(u) + log_du_dtheta, nan=-math.inf, posinf=-math.inf)
+        return self.log_mixture(log_q, log_t)
 
     def log_density(self, record):
         """log r at the draws of a record of any proposal of this flow: a q(theta) + (1 - a) t(u) |du/dtheta|."""
