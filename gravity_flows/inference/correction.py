@@ -421,7 +421,8 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
     ess, pool_log_weights = pool_ess()
     while adapt and rounds < ADAPT_ROUNDS and ess < ess_target:
         # a t in the flow's base space, fitted to the pool; where the flow's own draws found too little for
-        # its map to be a guide, a t in u too; every round joins the pool, and the best grows it
+        # its map to be a guide, a t in u too, and in the first round one at the Gaussian given (the Laplace
+        # fit); every round joins the pool, and the best grows it
         candidates = [AdaptedProposal(model, context, log_likelihood, log_prior,
                                       *moment_matched(pool.concatenated("eps"), pool_log_weights))]
         if not flow_found_enough:

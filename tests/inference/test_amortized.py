@@ -330,6 +330,27 @@ def test_an_adapted_proposal_rescues_a_flow_that_covers_the_posterior_too_widely
     assert np.all(np.abs(theta.mean(0) - exact_mean) < 0.1 * exact_sd)
 
 
+def test_a_flow_draw_rounded_onto_the_box_edge_keeps_its_flow_density_under_a_t_in_u(linear_gaussian_flow):
+    """A base point far out (eps = 60) maps onto the box's bound in floating point (u infinite): the t in u
+    has density 0 there and |du/dtheta| is infinite, so the mixture's density is the flow's share alone,
+    a q(theta) — finite, so the draw's deterministic-mixture weight stays finite (not NaN)."""
+    problem, model = linear_gaussian_flow
+    _, data = problem(1, torch.Generator().manual_seed(33))
+    with torch.no_grad():
+        context = model.context(data[0])
+        eps = torch.tensor([[60.0, 0.0], [0.1, -0.2]], dtype=torch.float64)
+        theta, log_det = model.push(eps, context)
+    assert theta[0, 0] == LG_HALF_WIDTH and torch.isinf(model.box.inverse(theta)[0][0, 0])
+    proposal = correction.UnconstrainedProposal(model, context, problem.log_likelihood(data[0]), 0.0,
+                                                np.zeros(2), 0.5 * np.eye(2))
+    record = {"theta": theta.numpy(), "eps": eps.numpy(), "log_det": log_det.numpy()}
+    log_r = proposal.log_density(record)
+    log_q = (amortized.standard_normal_log_density(eps) - log_det).numpy()
+    assert np.all(np.isfinite(log_r))
+    np.testing.assert_allclose(log_r[0], np.log(correction.DEFENSIVE_SHARE) + log_q[0], rtol=1e-12)
+    assert log_r[1] > np.log(correction.DEFENSIVE_SHARE) + log_q[1]
+
+
 def test_a_gaussian_in_u_rescues_a_profile_the_flow_found_too_little_of(linear_gaussian_flow):
     """Data 10000 times sharper than the flow learned: its own 8192 draws hold fewer than dim (dim + 3)
     effective draws, and the proposals adapted from them alone are not to be trusted (the rule of
