@@ -490,7 +490,9 @@ def corrected_profile_posterior(model, problem, n_samples, **options):
             laplace = forward.laplace_approximation(problem)
         except forward.DataError:  # data no posterior explains: the flow's draws are all there is
             return None
-        return laplace.u_map, laplace.u_cov
+        # only where the Laplace fit describes a peak (forward.Laplace.theta_peak): on the mass ridge, with weak
+        # data or a best fit on a bound, a Gaussian there covers part of the posterior at best
+        return (laplace.u_map, laplace.u_cov) if laplace.theta_peak else None
 
     return corrected_posterior(model, problem.g_obs, log_likelihood, problem.log_prior_density, n_samples,
                                gaussian_in_u=laplace_in_u, **options)
