@@ -79,7 +79,7 @@ def add_options(parser, defaults):
     group.add_argument("--proposal", choices=("adaptive", "flow"), default="adaptive",
                        help="importance proposal of each profile: flow = the flow's own draws (DINGO-IS); adaptive = "
                             "the same, and where their effective sample size falls short, a defensive mixture of the "
-                            "flow and a Student-t fitted to the weighted draws (and at the profile's Laplace fit where "
+                            "flow and a Student-t fitted to the weighted draws (and at the profile's Laplace peak where "
                             "the flow found almost nothing), every round's draws kept (default: %(default)s)")
     group.add_argument("--no-figures", action="store_true",
                        help="with --model: no per-profile figures (the survey table and figure are always written)")

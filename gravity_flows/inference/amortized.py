@@ -46,7 +46,7 @@ shared with other work, so CPU seconds are quoted beside wall seconds):
   posterior, but 10000 already take about 3 CPU-minutes (15 minutes of wall time on the busy machine).
   On the ridge (``--density-bounds 1000 4000``, coupling_Affine, the 50 test profiles, the pooled
   float32 correction) 2000 / 4000 / 10000 / 20000 steps took 33 / 68 / 158 / 339 s and left
-  60 / 78 / 86 / 80 % of the profiles within 0.05, the flow alone 2.6 / 1.6 / 1.1 / 0.7 sd off: past
+  64 / 74 / 88 / 86 % of the profiles within 0.05, the flow alone 2.6 / 1.6 / 1.1 / 0.7 sd off: past
   10000 steps q is sharper but the correction no better, and below it the correction cannot make up
   for q.
 - Conditioners: ``--hidden`` 32 (the scripts' default) and 64 scored alike at 4000 steps (73 % and
