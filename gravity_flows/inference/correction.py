@@ -6,21 +6,23 @@ likelihood, log w = log p(d, theta) - log q(theta | d), Pareto-smoothed and resa
 ``refine.importance_resample``) — the correction and its diagnostic together, as in DINGO-IS (Dax et
 al. 2023). Where the flow's own draws waste most of their weight (a strong anomaly, whose posterior is
 far narrower than the precision the network's location reaches), the proposal is adapted
-(:class:`AdaptedProposal`). Every draw of every round stays in the pool, weighed as a draw of the
-proposals' deterministic mixture (:class:`MixturePool`), and draws continue until the effective
-sample size reaches its target or a cap; a result is ``trustworthy`` only when the PSIS k-hat is at most 0.7 and the effective sample
-size reached its target. :func:`score_profile` scores one profile against its exact reference, the
+(:class:`AdaptedProposal`; where the flow found almost nothing, from the profile's Laplace peak too).
+Every draw of every round stays in the pool, weighed as a draw of the proposals' deterministic
+mixture (:class:`MixturePool`), and draws continue until the effective sample size reaches its
+target or a cap; a result is ``trustworthy`` only when the PSIS k-hat is at most 0.7 and the
+effective sample size reached its target. :func:`score_profile` scores one profile against its exact reference, the
 row of a survey table or of the held-out test set; :func:`aggregate` sums the test set up.
 
-Measured (the same 50 held-out test profiles of the default survey, models of 10000 steps, each
-profile against its exact reference; ``--proposal flow`` against the default ``adaptive``):
+Measured (the same 50 held-out test profiles of the default survey, the models of ``python compare.py
+--amortized``, each profile against its exact reference; ``--proposal flow`` against the default
+``adaptive``):
 
 | flow | proposal | share error <= 0.05 | trustworthy | 90th pct error | median draws |
 |---|---|---:|---:|---:|---:|
-| coupling_NSF | flow | 78 % | 68 % | 0.367 | 38299 |
-| coupling_NSF | adaptive | 94 % | 96 % | 0.038 | 8192 |
-| auto_NSF | flow | 78 % | 66 % | 0.347 | 44424 |
-| auto_NSF | adaptive | 98 % | 96 % | 0.036 | 8192 |
+| coupling_NSF | flow | 78 % | 70 % | 0.337 | 56195 |
+| coupling_NSF | adaptive | 100 % | 100 % | 0.032 | 12288 |
+| auto_NSF | flow | 74 % | 64 % | 0.485 | 30698 |
+| auto_NSF | adaptive | 100 % | 100 % | 0.036 | 12288 |
 
 No profile was a silent failure (error > 0.1 yet trustworthy) either way.
 """
