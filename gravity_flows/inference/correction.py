@@ -226,6 +226,11 @@ class UnconstrainedProposal(_Mixture):
     """
 
     space = "u"
+    #: the bijection v -> theta the t lives in (``forward(v) -> (theta, log|dtheta/dv|)``, ``inverse``); None: the box's u
+    coordinates = None
+
+    def _to_t_space(self):
+        return self.model.box if self.coordinates is None else self.coordinates
 
     def _log_mixture_at(self, eps, log_det, u, log_du_dtheta):
         """log r from a draw's base point and its u: where eps is not finite q is 0, and where theta rounds onto
@@ -238,7 +243,7 @@ class UnconstrainedProposal(_Mixture):
         """log r at the draws of a record of any proposal of this flow: a q(theta) + (1 - a) t(u) |du/dtheta|."""
         with torch.no_grad():
             as_tensor = lambda array: torch.as_tensor(array, dtype=self.dtype, device=self.device)
-            u, log_du_dtheta = self.model.box.inverse(as_tensor(record["theta"]))
+            u, log_du_dtheta = self._to_t_space().inverse(as_tensor(record["theta"]))
             log_r = _host(self._log_mixture_at(as_tensor(record["eps"]), as_tensor(record["log_det"]), u, log_du_dtheta))
         return np.nan_to_num(log_r, nan=-np.inf, posinf=-np.inf)
 
@@ -252,18 +257,44 @@ class UnconstrainedProposal(_Mixture):
             from_flow = self.from_flow(size, start)
             eps = torch.randn(from_flow, model.dim, generator=generator, dtype=self.dtype, device=self.device)
             theta_flow, log_det_flow = model.push(eps, self.context)
-            u_flow, log_du_dtheta = box.inverse(theta_flow)
+            u_flow, log_du_dtheta = self._to_t_space().inverse(theta_flow)
             u = self.sample_t(size - from_flow, generator)
-            theta_t, log_dtheta_du = box(u)
-            # where theta rounds onto the box's edge (|u| beyond ~37) the flow's inverse is not finite: q is 0 there
-            eps_t, log_deps_dtheta = model.pull(theta_t, self.context)
+            theta_t, log_dtheta_du = self._to_t_space()(u)
+            # where theta rounds onto the box's edge (|u| beyond ~37) the flow's inverse is not finite: q is 0 there;
+            # outside the box (a t in other coordinates than u) q and the prior are 0
+            inside = ((theta_t >= box.low.to(theta_t.dtype)) & (theta_t <= box.high.to(theta_t.dtype))).all(-1)
+            safe = torch.where(inside[:, None], theta_t, box.low.to(theta_t.dtype) + 0.5 * box.width.to(theta_t.dtype))
+            eps_t, log_deps_dtheta = model.pull(safe, self.context)
+            eps_t = torch.where(inside[:, None], eps_t, torch.full_like(eps_t, math.nan))
+            log_deps_dtheta = torch.where(inside, log_deps_dtheta, torch.full_like(log_deps_dtheta, math.nan))
             eps_all, log_det = torch.cat([eps, eps_t]), torch.cat([log_det_flow, -log_deps_dtheta])
             theta = torch.cat([theta_flow, theta_t])
             log_r = self._log_mixture_at(eps_all, log_det, torch.cat([u_flow, u]),
                                          torch.cat([log_du_dtheta, -log_dtheta_du]))
-            parts.append({"theta": theta, "eps": eps_all, "log_det": log_det, "log_joint": self.log_joint(theta),
-                          "log_r": log_r})
+            log_joint = self.log_joint(theta)
+            log_joint[from_flow:] = torch.where(inside, log_joint[from_flow:], torch.full_like(log_joint[from_flow:], -math.inf))
+            parts.append({"theta": theta, "eps": eps_all, "log_det": log_det, "log_joint": log_joint, "log_r": log_r})
         return _joined(parts)
+
+
+class LogCoordinates(torch.nn.Module):
+    """phi_i = log|theta_i| for the ``logged`` parameters (a box on one side of zero), phi_i = theta_i for the
+    others: ``forward(phi) -> (theta, log|dtheta/dphi|)``, ``inverse(theta) -> (phi, log|dphi/dtheta|)``.
+    On the mass ridge of a free density the curve drho R^3 = m is a straight line in phi."""
+
+    def __init__(self, logged, sign):
+        super().__init__()
+        self.register_buffer("logged", torch.as_tensor(np.asarray(logged, dtype=bool)))
+        self.register_buffer("sign", torch.as_tensor(np.asarray(sign, dtype=float)))
+
+    def forward(self, phi):
+        sign = self.sign.to(phi.dtype)
+        theta = torch.where(self.logged, sign * torch.exp(torch.where(self.logged, phi, 0.0)), phi)
+        return theta, torch.where(self.logged, phi, 0.0).sum(-1)
+
+    def inverse(self, theta):
+        phi = torch.where(self.logged, torch.log(torch.abs(torch.where(self.logged, theta, 1.0))), theta)
+        return phi, -torch.where(self.logged, phi, 0.0).sum(-1)
 
 
 class MixturePool:
@@ -434,9 +465,12 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
                                                                     pool_log_weights)))
             gaussian = gaussian_in_u() if rounds == 0 and gaussian_in_u is not None else None
             if gaussian is not None:
-                at_laplace = UnconstrainedProposal(model, context, log_likelihood, log_prior, gaussian[0],
-                                                   np.linalg.cholesky(gaussian[1]))
-                at_laplace.space, laplace_drawn = "u at the Laplace fit", True
+                location, covariance, *coordinates = gaussian
+                at_laplace = UnconstrainedProposal(model, context, log_likelihood, log_prior, location,
+                                                   np.linalg.cholesky(covariance))
+                at_laplace.coordinates = coordinates[0].to(device=at_laplace.device) if coordinates else None
+                at_laplace.space = "u at the Laplace fit" if not coordinates else "log coordinates at the Laplace fit"
+                laplace_drawn = True
                 candidates.append(at_laplace)
         tried = []
         for candidate in candidates:
@@ -493,9 +527,15 @@ def corrected_profile_posterior(model, problem, n_samples, **options):
             laplace = forward.laplace_approximation(problem)
         except forward.DataError:  # data no posterior explains: the flow's draws are all there is
             return None
-        # only where the Laplace fit describes a peak (forward.Laplace.theta_peak): on the mass ridge, with weak
-        # data or a best fit on a bound, a Gaussian there covers part of the posterior at best
-        return (laplace.u_map, laplace.u_cov) if laplace.theta_peak else None
+        if laplace.theta_peak:
+            return laplace.u_map, laplace.u_cov
+        # elsewhere (the mass ridge) the Laplace fit in the log coordinates, where the ridge is straight
+        bounds = np.asarray(problem.bounds, dtype=float)
+        logged = ((bounds[:, 0] > 0) | (bounds[:, 1] < 0)) & np.array([p is not forward.X0 for p in problem.parameters])
+        theta, dtheta_du = forward.to_box(problem, laplace.u_map)
+        dphi_du = dtheta_du * np.where(logged, 1.0 / np.where(logged, theta, 1.0), 1.0)
+        phi = np.where(logged, np.log(np.abs(np.where(logged, theta, 1.0))), theta)
+        return phi, laplace.u_cov * np.outer(dphi_du, dphi_du), LogCoordinates(logged, np.where(bounds[:, 1] < 0, -1.0, 1.0))
 
     return corrected_posterior(model, problem.g_obs, log_likelihood, problem.log_prior_density, n_samples,
                                gaussian_in_u=laplace_in_u, **options)
