@@ -354,6 +354,46 @@ def test_an_adapted_proposal_rescues_a_flow_that_covers_the_posterior_too_widely
     assert np.all(np.abs(theta.mean(0) - exact_mean) < 0.1 * exact_sd)
 
 
+def test_log_coordinates_invert_and_their_log_determinant_is_the_autograd_jacobians():
+    """phi = (x0, log z, log|drho|) with a negative density box: theta(phi(theta)) = theta, and
+    log|dtheta/dphi| equals the log-determinant of the autograd Jacobian, the inverse's its negative."""
+    coordinates = correction.LogCoordinates([False, True, True], [1.0, 1.0, -1.0])
+    theta = torch.tensor([[3.0, 6.0, -1500.0], [-2.0, 0.7, -2.5]], dtype=torch.float64)
+    phi, log_dphi_dtheta = coordinates.inverse(theta)
+    back, log_dtheta_dphi = coordinates(phi)
+    torch.testing.assert_close(back, theta)
+    torch.testing.assert_close(log_dphi_dtheta, -log_dtheta_dphi)
+    for row in range(2):
+        jacobian = torch.autograd.functional.jacobian(lambda v: coordinates(v[None])[0][0], phi[row])
+        torch.testing.assert_close(log_dtheta_dphi[row], torch.linalg.slogdet(jacobian)[1])
+
+
+def test_a_t_in_other_coordinates_weighs_by_its_exact_density_and_gives_nothing_outside_the_box(linear_gaussian_flow):
+    """The mixture a q + (1 - a) t(v) |dv/dtheta| with its t in coordinates v other than u (here v = theta
+    itself on the linear-Gaussian box, so that a wide t puts draws outside it): log r recomputed by scipy
+    and the flow's inverse inside the box, and the draws outside have log p = -inf (weight 0)."""
+    problem, model = linear_gaussian_flow
+    _, data = problem(1, torch.Generator().manual_seed(34))
+    with torch.no_grad():
+        context = model.context(data[0])
+    location, scale_tril = np.array([0.5, -0.5]), np.array([[1.5, 0.0], [0.3, 1.2]])
+    proposal = correction.UnconstrainedProposal(model, context, problem.log_likelihood(data[0]), 0.0, location,
+                                                scale_tril)
+    proposal.coordinates = correction.LogCoordinates([False, False], [1.0, 1.0])  # v = theta
+    record = proposal.draw_record(3000, torch.Generator().manual_seed(35))
+    theta = torch.as_tensor(record["theta"])
+    inside = np.all(np.abs(record["theta"]) <= LG_HALF_WIDTH, axis=1)
+    assert 0.05 < 1 - inside.mean() < 0.6
+    assert np.all(record["log_joint"][~inside] == -np.inf) and np.all(np.isfinite(record["log_joint"][inside]))
+    with torch.no_grad():
+        log_q = model.log_prob(theta[inside], context).numpy()
+    t = stats.multivariate_t(loc=location, shape=scale_tril @ scale_tril.T, df=correction.T_DEGREES)
+    share = correction.DEFENSIVE_SHARE
+    expected = np.logaddexp(np.log(share) + log_q, np.log1p(-share) + t.logpdf(record["theta"][inside]))
+    np.testing.assert_allclose(record["log_r"][inside], expected, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(proposal.log_density(record)[inside], expected, rtol=1e-8, atol=1e-8)
+
+
 def test_a_flow_draw_rounded_onto_the_box_edge_keeps_its_flow_density_under_a_t_in_u(linear_gaussian_flow):
     """A base point far out (eps = 60) maps onto the box's bound in floating point (u infinite): the t in u
     has density 0 there and |du/dtheta| is infinite, so the mixture's density is the flow's share alone,
