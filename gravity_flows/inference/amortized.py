@@ -45,10 +45,12 @@ shared with other work, so CPU seconds are quoted beside wall seconds):
   ``correction``). The loss still falls at 10000 steps: more steps would sharpen q and shorten each
   posterior, but 10000 already take about 3 CPU-minutes (15 minutes of wall time on the busy machine).
   On the ridge (``--density-bounds 1000 4000``, coupling_Affine, the 50 test profiles, the pooled
-  float32 correction) 2000 / 4000 / 10000 / 20000 steps took 33 / 68 / 158 / 339 s and left
-  64 / 74 / 88 / 86 % of the profiles within 0.05, the flow alone 2.6 / 1.6 / 1.1 / 0.7 sd off: past
-  10000 steps q is sharper but the correction no better, and below it the correction cannot make up
-  for q.
+  float32 correction with its Laplace rescue) 2000 / 4000 / 10000 / 20000 steps took 33 / 68 / 158 /
+  339 s and left 94 / 86 / 92 / 94 % of the profiles within 0.05, the flow alone 2.6 / 1.6 / 1.1 /
+  0.7 sd off, the posterior 0.164 / 0.099 / 0.058 / 0.045 s: the correction makes up for a coarse q,
+  at the price of more draws (and Laplace fits) per profile. (Without the Laplace rescue: 64 / 74 /
+  88 / 86 %.) The default stays at 10000 steps until the shorter budgets are measured for every flow
+  on both problems.
 - Conditioners: ``--hidden`` 32 (the scripts' default) and 64 scored alike at 4000 steps (73 % and
   67 % of 30 profiles, within their noise), so the scripts' own options stand; the layer counts are
   the per-profile defaults from the Laplace start (``flow_parser(amortized_defaults=...)``).
