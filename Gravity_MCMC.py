@@ -75,6 +75,7 @@ import numpy as np
 from tqdm import tqdm
 
 import forward
+from forward import COORDINATES, SamplingCoordinates
 from gravity_flows.command import cli, runner
 from gravity_flows.inference.start import choose_start
 from gravity_flows.reporting import figures, report
@@ -103,81 +104,6 @@ ESS_LIMIT = 400
 def optimal_scale(dim):
     """Factor on a Gaussian target's covariance for the random-walk proposal: 2.38² / d (Gelman et al. 1996)."""
     return 2.38**2 / dim
-
-
-#: The coordinates a walk can run in (``--coordinates``): "log" takes the log of the magnitude of every
-#: parameter but x0 whose box lies on one side of zero (z, R and Δρ, always), "theta" the parameters themselves.
-COORDINATES = ("log", "theta")
-
-
-class SamplingCoordinates:
-    """The coordinates phi the random walk runs in, and the target density in them.
-
-    With ``kind`` "log": phi_i = log|theta_i| for every parameter but x0 whose prior box lies on one
-    side of zero (``logged``; z, R and Δρ), phi_i = theta_i otherwise; "theta": phi = theta. The
-    posterior density of phi is that of theta times the Jacobian |dtheta/dphi| = prod |theta_i| over
-    the logged coordinates, so
-
-        log p(phi | d) = log p(theta(phi) | d) + sum_logged phi_i,
-
-    and the box stays a box in theta: a proposal whose theta falls outside it has zero density and is
-    rejected, never reflected. On the mass ridge of a free density the curve Δρ R³ = m is the straight
-    line log Δρ + 3 log R = log m in these coordinates, which one Gaussian proposal follows; on the default
-    problem they change little (τ about 11 steps either way).
-    """
-
-    def __init__(self, problem, kind):
-        if kind not in COORDINATES:
-            raise ValueError(f"coordinates must be one of {COORDINATES}, got {kind!r}")
-        self.kind = kind
-        bounds = np.asarray(problem.bounds, dtype=float)
-        one_signed = (bounds[:, 0] > 0) | (bounds[:, 1] < 0)
-        self.logged = np.array([kind == "log" and flag and parameter is not forward.X0
-                                for parameter, flag in zip(problem.parameters, one_signed)])
-        self.sign = np.where(bounds[:, 1] < 0, -1.0, 1.0)
-        self.names = tuple(f"log|{p.name}|" if flag and sign < 0 else f"log {p.name}" if flag else p.name
-                           for p, flag, sign in zip(problem.parameters, self.logged, self.sign))
-
-    def to_theta(self, phi):
-        """theta (..., dim) of phi (..., dim)."""
-        phi = np.asarray(phi, dtype=float)
-        return np.where(self.logged, self.sign * np.exp(np.where(self.logged, phi, 0.0)), phi)
-
-    def from_theta(self, theta):
-        """phi (..., dim) of theta (..., dim) (theta inside the box)."""
-        theta = np.asarray(theta, dtype=float)
-        return np.where(self.logged, np.log(np.abs(np.where(self.logged, theta, 1.0))), theta)
-
-    def log_jacobian(self, phi):
-        """log |dtheta/dphi| = sum of the logged phi_i: (...,)."""
-        return np.sum(np.where(self.logged, phi, 0.0), axis=-1)
-
-    def jacobian_diagonal(self, theta):
-        """dphi_i/dtheta_i at theta: 1/theta_i where logged, 1 elsewhere (the delta method's factor)."""
-        return np.where(self.logged, 1.0 / np.where(self.logged, theta, 1.0), 1.0)
-
-    def covariance_from_theta(self, theta, covariance):
-        """The delta method: the covariance in phi of a Gaussian in theta at ``theta``."""
-        scale = self.jacobian_diagonal(theta)
-        return covariance * np.outer(scale, scale)
-
-    def target(self, problem):
-        """The posterior density in phi: an object with ``log_posterior(phi)``, -inf where theta leaves the box."""
-        return _TransformedPosterior(problem, self)
-
-    def describe(self):
-        return f"{self.kind} ({', '.join(self.names)})"
-
-
-class _TransformedPosterior:
-    """``log_posterior(phi) = problem.log_posterior(theta(phi)) + log|dtheta/dphi|`` (see :class:`SamplingCoordinates`)."""
-
-    def __init__(self, problem, coordinates):
-        self.problem, self.coordinates = problem, coordinates
-
-    def log_posterior(self, phi):
-        log_post = self.problem.log_posterior(self.coordinates.to_theta(phi))
-        return log_post + self.coordinates.log_jacobian(phi)  # -inf outside the box stays -inf
 
 
 @dataclass

@@ -97,8 +97,8 @@ class FlowProposal:
     the flow's map T(.; c) (``AmortizedPosterior.push``).
 
     Every proposal here is such a push-forward of a base density b, so r(theta) = b(eps) / |det
-    dtheta/deps| needs no inverse. ``draw(n, generator)`` returns (theta, log weights, eps), numpy,
-    with log w = log p(d, theta) - log r(theta)."""
+    dtheta/deps| needs no inverse. ``draw_record(n, generator)`` returns the draws with what the pool
+    needs of them; a draw's own log weight is log w = log p(d, theta) - log r(theta)."""
 
     def __init__(self, model, context, log_likelihood, log_prior):
         self.model, self.context = model, context
@@ -139,11 +139,6 @@ class FlowProposal:
     def log_joint(self, theta):
         """log p(d, theta), the likelihood :data:`LIKELIHOOD_CHUNK` draws at a time."""
         return torch.cat([self.log_likelihood(part) for part in theta.split(LIKELIHOOD_CHUNK)]) + self.log_prior
-
-    def draw(self, n, generator):
-        """n draws: (theta, log weights log p(d, theta) - log r(theta), eps), numpy."""
-        record = self.draw_record(n, generator)
-        return record["theta"], record["log_joint"] - record["log_r"], record["eps"]
 
 
 def _joined(parts):
@@ -227,9 +222,13 @@ class UnconstrainedProposal(_Mixture):
     instead; its draws outside the box have prior density 0.
     """
 
-    space = "u"
-    #: the bijection v -> theta the t lives in (``forward(v) -> (theta, log|dtheta/dv|)``, ``inverse``); None: the box's u
-    coordinates = None
+    def __init__(self, *args, coordinates=None, fit=None, **options):
+        """``coordinates``: the bijection v -> theta the t lives in (``forward(v) -> (theta, log|dtheta/dv|)``,
+        ``inverse``), None for the box's u; ``fit``: what placed the t, for the report (None: the pool)."""
+        super().__init__(*args, **options)
+        self.coordinates = None if coordinates is None else coordinates.to(device=self.device)
+        name = "u" if coordinates is None else coordinates.name
+        self.space = name if fit is None else f"{name} at {fit}"
 
     def _to_t_space(self):
         return self.model.box if self.coordinates is None else self.coordinates
@@ -282,7 +281,10 @@ class UnconstrainedProposal(_Mixture):
 class LogCoordinates(torch.nn.Module):
     """phi_i = log|theta_i| for the ``logged`` parameters (a box on one side of zero), phi_i = theta_i for the
     others: ``forward(phi) -> (theta, log|dtheta/dphi|)``, ``inverse(theta) -> (phi, log|dphi/dtheta|)``.
-    On the mass ridge of a free density the curve drho R^3 = m is a straight line in phi."""
+    On the mass ridge of a free density the curve drho R^3 = m is a straight line in phi. The torch
+    counterpart of ``forward.SamplingCoordinates`` (the MCMC's), which says which parameters are logged."""
+
+    name = "log coordinates"
 
     def __init__(self, logged, sign):
         super().__init__()
@@ -380,7 +382,7 @@ def one_thread():
 
 @one_thread()
 def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, generator, rng, ess_target=None,
-                        first_draws=None, max_draws=None, adapt=True, gaussian_in_u=None):
+                        first_draws=None, max_draws=None, adapt=True, gaussian_fit=None):
     """The importance-corrected posterior of one profile ``data`` (N,): ``n_samples`` draws and a report.
 
     ``log_likelihood`` is the profile's exact log-likelihood, a torch function of theta (n, dim) (for
@@ -393,9 +395,9 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
     ``adapt``, an :class:`AdaptedProposal` (t in the base space) is fitted to the pool and tried on
     :data:`ADAPT_DRAWS` draws — and where the flow's own draws held fewer than dim (dim + 3)
     effective draws, an :class:`UnconstrainedProposal` (t in u) beside it, and in the first round a
-    second one placed by ``gaussian_in_u()`` (a callable returning the mean and covariance of a
-    Gaussian approximation of the posterior in u — or in the coordinates of a bijection it returns
-    third, such as :class:`LogCoordinates` — or None; for a gravity profile its Laplace fit,
+    second one placed by ``gaussian_fit()`` (a callable returning None or the mean, covariance and
+    coordinates of a Gaussian approximation of the posterior: coordinates None for u, or a bijection
+    such as :class:`LogCoordinates`; for a gravity profile its Laplace fit,
     :func:`corrected_profile_posterior`) — and fitted again
     (:data:`ADAPT_ROUNDS` times at most), for as long as the pool falls short of the target and each
     round's own normalised ESS beats the best so far. The best proposal (the flow itself where no
@@ -418,7 +420,7 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
 
     Trustworthy: k-hat <= 0.7, ESS >= target, and, where the proposal was adapted, at least
     dim (dim + 3) effective draws among the flow's own (twice the numbers of the mean and covariance
-    the adaptation fits) or a Gaussian of ``gaussian_in_u`` in the pool. The last rule is measured: a
+    the adaptation fits) or a Gaussian of ``gaussian_fit`` in the pool. The last rule is measured: a
     proposal adapted from the flow's draws alone can only refine what they found, and on one ridge
     profile of 50 (signal-to-noise 2260, about 10 effective draws of the flow's 8192) it missed the
     end of the mass ridge against R's upper bound — 5 % of the posterior — with k-hat 0.56 and ESS
@@ -470,15 +472,13 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
             candidates.append(UnconstrainedProposal(model, context, log_likelihood, log_prior,
                                                     *moment_matched(_unconstrained(model, pool.concatenated("theta")),
                                                                     pool_log_weights)))
-            gaussian = gaussian_in_u() if rounds == 0 and gaussian_in_u is not None else None
+            gaussian = gaussian_fit() if rounds == 0 and gaussian_fit is not None else None
             if gaussian is not None:
-                location, covariance, *coordinates = gaussian
-                at_laplace = UnconstrainedProposal(model, context, log_likelihood, log_prior, location,
-                                                   np.linalg.cholesky(covariance))
-                at_laplace.coordinates = coordinates[0].to(device=at_laplace.device) if coordinates else None
-                at_laplace.space = "u at the Laplace fit" if not coordinates else "log coordinates at the Laplace fit"
+                location, covariance, coordinates = gaussian
+                candidates.append(UnconstrainedProposal(model, context, log_likelihood, log_prior, location,
+                                                        np.linalg.cholesky(covariance), coordinates=coordinates,
+                                                        fit="the Laplace fit"))
                 laplace_drawn = True
-                candidates.append(at_laplace)
         tried = []
         for candidate in candidates:
             record = candidate.draw_record(ADAPT_DRAWS, generator)
@@ -529,23 +529,22 @@ def corrected_profile_posterior(model, problem, n_samples, **options):
     parameter = next(model.parameters())
     log_likelihood = forward.TorchLikelihood(problem).to(device=parameter.device, dtype=parameter.dtype)
 
-    def laplace_in_u():
+    def laplace_fit():
         try:
             laplace = forward.laplace_approximation(problem)
         except forward.DataError:  # data no posterior explains: the flow's draws are all there is
             return None
         if laplace.theta_peak:
-            return laplace.u_map, laplace.u_cov
-        # elsewhere (the mass ridge) the Laplace fit in the log coordinates, where the ridge is straight
-        bounds = np.asarray(problem.bounds, dtype=float)
-        logged = ((bounds[:, 0] > 0) | (bounds[:, 1] < 0)) & np.array([p is not forward.X0 for p in problem.parameters])
-        theta, dtheta_du = forward.to_box(problem, laplace.u_map)
-        dphi_du = dtheta_du * np.where(logged, 1.0 / np.where(logged, theta, 1.0), 1.0)
-        phi = np.where(logged, np.log(np.abs(np.where(logged, theta, 1.0))), theta)
-        return phi, laplace.u_cov * np.outer(dphi_du, dphi_du), LogCoordinates(logged, np.where(bounds[:, 1] < 0, -1.0, 1.0))
+            return laplace.u_map, laplace.u_cov, None
+        # elsewhere (the mass ridge) the Laplace fit in the MCMC's log coordinates, where the ridge is straight:
+        # theta_map and theta_cov are then u's mode and covariance on the box, by the delta method
+        coordinates = forward.SamplingCoordinates(problem, "log")
+        return (coordinates.from_theta(laplace.theta_map),
+                coordinates.covariance_from_theta(laplace.theta_map, laplace.theta_cov),
+                LogCoordinates(coordinates.logged, coordinates.sign))
 
     return corrected_posterior(model, problem.g_obs, log_likelihood, problem.log_prior_density, n_samples,
-                               gaussian_in_u=laplace_in_u, **options)
+                               gaussian_fit=laplace_fit, **options)
 
 
 

@@ -311,7 +311,8 @@ def test_the_adapted_proposal_weights_use_its_exact_density(linear_gaussian_flow
     location, scale_tril = np.array([0.3, -0.2]), np.array([[0.4, 0.0], [0.1, 0.3]])
     proposal = correction.AdaptedProposal(model, context, lambda theta: theta.new_zeros(len(theta)), 0.0, location,
                                           scale_tril)
-    theta, log_weights, eps = proposal.draw(3000, torch.Generator().manual_seed(22))
+    record = proposal.draw_record(3000, torch.Generator().manual_seed(22))
+    theta, log_weights, eps = record["theta"], record["log_joint"] - record["log_r"], record["eps"]
     assert np.all(np.abs(theta) < LG_HALF_WIDTH)
     with torch.no_grad():
         log_q = model.log_prob(torch.as_tensor(theta), context).numpy()
@@ -375,8 +376,7 @@ def test_a_t_in_other_coordinates_weighs_by_its_exact_density_and_gives_nothing_
         context = model.context(data[0])
     location, scale_tril = np.array([0.5, -0.5]), np.array([[1.5, 0.0], [0.3, 1.2]])
     proposal = correction.UnconstrainedProposal(model, context, problem.log_likelihood(data[0]), 0.0, location,
-                                                scale_tril)
-    proposal.coordinates = correction.LogCoordinates([False, False], [1.0, 1.0])  # v = theta
+                                                scale_tril, coordinates=correction.LogCoordinates([False, False], [1.0, 1.0]))  # v = theta
     record = proposal.draw_record(3000, torch.Generator().manual_seed(35))
     theta = torch.as_tensor(record["theta"])
     inside = np.all(np.abs(record["theta"]) <= LG_HALF_WIDTH, axis=1)
@@ -433,13 +433,13 @@ def test_a_gaussian_in_u_rescues_a_profile_the_flow_found_too_little_of(linear_g
     du_dtheta = 1 / (2 * LG_HALF_WIDTH * fraction * (1 - fraction))
 
     def gaussian_in_u():
-        return np.log(fraction / (1 - fraction)), covariance * np.outer(du_dtheta, du_dtheta)
+        return np.log(fraction / (1 - fraction)), covariance * np.outer(du_dtheta, du_dtheta), None
 
     runs = {}
     for name, gaussian in (("alone", None), ("with the Gaussian", gaussian_in_u)):
         runs[name] = correction.corrected_posterior(model, mean_data, log_likelihood, 0.0, 4000,
                                                     generator=torch.Generator().manual_seed(30),
-                                                    rng=np.random.default_rng(1), gaussian_in_u=gaussian)
+                                                    rng=np.random.default_rng(1), gaussian_fit=gaussian)
     assert runs["alone"][2]["vi_is_ess"] * correction.FIRST_DRAWS < LG_DIM * (LG_DIM + 3)
     assert not runs["alone"][2]["trustworthy"]
     theta, _, report = runs["with the Gaussian"]
@@ -514,7 +514,8 @@ def test_the_unconstrained_proposal_weights_use_its_exact_density(linear_gaussia
     location, scale_tril = np.array([0.2, -0.1]), np.array([[0.3, 0.0], [0.05, 0.2]])
     proposal = correction.UnconstrainedProposal(model, context, lambda theta: theta.new_zeros(len(theta)), 0.0,
                                                 location, scale_tril)
-    theta, log_weights, eps = proposal.draw(3000, torch.Generator().manual_seed(26))
+    record = proposal.draw_record(3000, torch.Generator().manual_seed(26))
+    theta, log_weights, eps = record["theta"], record["log_joint"] - record["log_r"], record["eps"]
     theta_t = torch.as_tensor(theta)
     with torch.no_grad():
         log_q = model.log_prob(theta_t, context).numpy()
