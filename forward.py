@@ -660,8 +660,9 @@ def _refuse_overstated_noise(problem, best_fit):
             "sigma column")
 
 
-def laplace_approximation(problem, n_starts=8, seed=0):
-    """MAP by BFGS from the box centre and a few seeded starts, then inverse Hessians.
+def laplace_approximation(problem, n_starts=8, seed=0, starts_u=None):
+    """MAP by BFGS from the box centre and a few seeded starts (or from ``starts_u``, points in u already
+    near the posterior, such as a sampler's best draws), then inverse Hessians.
 
     The search runs in u-space, so every iterate lies inside the box. A best fit within 1e-3 of the
     box width of a bound is reported in ``on_bound`` (the prior box is then too tight). The posterior
@@ -675,6 +676,8 @@ def laplace_approximation(problem, n_starts=8, seed=0):
     began = time.perf_counter()
     rng = np.random.default_rng(seed)
     starts = [np.zeros(problem.dim)] + [rng.uniform(-2.0, 2.0, size=problem.dim) for _ in range(n_starts - 1)]
+    if starts_u is not None:
+        starts = [np.asarray(start, dtype=float) for start in starts_u]
     u_best_fit = _minimise(problem, starts, with_jacobian=False)
     best_fit, _ = to_box(problem, u_best_fit)
     width = problem.bounds[:, 1] - problem.bounds[:, 0]

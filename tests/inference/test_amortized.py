@@ -352,6 +352,49 @@ def test_an_adapted_proposal_rescues_a_flow_that_covers_the_posterior_too_widely
     assert np.all(np.abs(theta.mean(0) - exact_mean) < 0.1 * exact_sd)
 
 
+class ScaledCoordinates(torch.nn.Module):
+    """theta = shift + scale * phi: a bijection for ``pool_coordinates`` (as ``LogCoordinates`` on the ridge)."""
+
+    name = "scaled coordinates"
+
+    def __init__(self, shift, scale):
+        super().__init__()
+        self.register_buffer("shift", torch.as_tensor(shift, dtype=torch.float64))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float64))
+
+    def forward(self, phi):
+        return self.shift + self.scale * phi, torch.log(self.scale).sum().expand(phi.shape[0])
+
+    def inverse(self, theta):
+        return (theta - self.shift) / self.scale, -torch.log(self.scale).sum().expand(theta.shape[0])
+
+
+def test_a_t_fitted_to_the_pool_in_given_coordinates_joins_where_the_flow_found_enough(linear_gaussian_flow):
+    """``pool_coordinates`` (the ridge's log coordinates in a gravity profile): where the flow's own draws
+    found enough of data 100 times sharper than it learned, a t fitted to the pool in those coordinates
+    is tried beside the base-space t. The posterior is Gaussian in theta, so in (scaled) theta the t fits
+    it best and is chosen; the corrected mean and sds are the closed form's (a t placed in the wrong
+    coordinates, or weighed without their Jacobian, is not)."""
+    problem, model = linear_gaussian_flow
+    truth = torch.tensor([[0.4, -0.3]], dtype=torch.float64)
+    repeats = 100
+    generator = torch.Generator().manual_seed(23)
+    mean_data = torch.stack([problem.observe(truth, generator)[0] for _ in range(repeats)]).mean(0)
+
+    def log_likelihood(theta):
+        return repeats * problem.log_likelihood(mean_data)(theta)
+
+    exact_mean = problem.posterior_mean(mean_data).numpy()
+    exact_sd = (problem.covariance.diagonal() / repeats).sqrt().numpy()
+    theta, _, report = correction.corrected_posterior(
+        model, mean_data, log_likelihood, 0.0, 4000, generator=torch.Generator().manual_seed(24),
+        rng=np.random.default_rng(0), pool_coordinates=ScaledCoordinates([0.1, -0.2], [2.0, 0.5]))
+    assert report["vi_is_ess"] * correction.FIRST_DRAWS >= LG_DIM * (LG_DIM + 3)  # the flow found enough
+    assert report["proposal"].startswith("flow + t in scaled coordinates") and report["trustworthy"], report
+    assert np.all(np.abs(theta.mean(0) - exact_mean) < 0.1 * exact_sd)
+    assert np.all(np.abs(theta.std(0) / exact_sd - 1) < 0.1)
+
+
 def test_log_coordinates_invert_and_their_log_determinant_is_the_autograd_jacobians():
     """phi = (x0, log z, log|drho|) with a negative density box: theta(phi(theta)) = theta, and
     log|dtheta/dphi| equals the log-determinant of the autograd Jacobian, the inverse's its negative."""
@@ -432,7 +475,7 @@ def test_a_gaussian_in_u_rescues_a_profile_the_flow_found_too_little_of(linear_g
     fraction = (exact_mean + LG_HALF_WIDTH) / (2 * LG_HALF_WIDTH)
     du_dtheta = 1 / (2 * LG_HALF_WIDTH * fraction * (1 - fraction))
 
-    def gaussian_in_u():
+    def gaussian_in_u(theta, log_joint):
         return np.log(fraction / (1 - fraction)), covariance * np.outer(du_dtheta, du_dtheta), None
 
     runs = {}

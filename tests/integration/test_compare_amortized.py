@@ -205,3 +205,13 @@ def test_models_without_a_trained_model_is_one_line(tmp_path, profile_csv):
         compare.main(["--amortized", "--models", str(tmp_path / "empty"), "--methods", "coupling_Affine",
                       "--data", str(profile_csv), "--out", str(tmp_path / "out"), "--quiet"])
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("options, steps", [([], str(compare.AMORTIZED_ITERATIONS)), (["--iterations", "500"], "500"),
+                                            (["--quick"], str(compare.QUICK_AMORTIZED["iterations"]))])
+def test_every_flow_is_amortized_with_the_comparisons_common_budget(tmp_path, options, steps):
+    """The flows' --amortize runs get the comparison's common budget (not each script's own 10000 steps),
+    --iterations where given, the smoke run's with --quick."""
+    args = compare.build_parser().parse_args(["--amortized", *options])
+    argv = compare.amortize_argv(args, tmp_path / "coupling_Affine")
+    assert argv.count("--iterations") == 1 and argv[argv.index("--iterations") + 1] == steps
