@@ -674,9 +674,10 @@ def laplace_approximation(problem, n_starts=8, seed=0, starts_u=None):
     times the noise, and weak data that scatter far less than the stated noise (see :data:`MISFIT_FACTOR`).
     """
     began = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    starts = [np.zeros(problem.dim)] + [rng.uniform(-2.0, 2.0, size=problem.dim) for _ in range(n_starts - 1)]
-    if starts_u is not None:
+    if starts_u is None:
+        rng = np.random.default_rng(seed)
+        starts = [np.zeros(problem.dim)] + [rng.uniform(-2.0, 2.0, size=problem.dim) for _ in range(n_starts - 1)]
+    else:  # n_starts and seed are then unused
         starts = [np.asarray(start, dtype=float) for start in starts_u]
     u_best_fit = _minimise(problem, starts, with_jacobian=False)
     best_fit, _ = to_box(problem, u_best_fit)

@@ -42,8 +42,8 @@ the 2-core machine while other benchmarks ran):
 - tried and not kept: refining by the forward KL instead, maximising the mean log q of 8192 of the
   corrected posterior's draws (mass-covering where the ELBO seeks a mode), from the 2000-step ridge models
   of compare.py --amortized: auto_Affine ended at 0.15-0.19 (batch 64-512, lr 1e-3 to 1e-2, 500-1000
-  iterations), auto_NSF at 0.14-0.52 (its first Adam steps threw q to errors of 1.6-40 before it
-  recovered), from 0.83 and 0.66 for q alone; the draws it learnt from had 4051-4302 effective draws.
+  iterations), auto_NSF at 0.25-0.52 (batch 256, lr 3e-4 and 3e-3, 500 iterations; its first Adam steps
+  threw q to errors of 1.6-40 before it recovered), from 0.83 and 0.66 for q alone; the draws it learnt from had 4051-4302 effective draws.
 """
 
 import argparse

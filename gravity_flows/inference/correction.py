@@ -13,9 +13,10 @@ target or a cap; a result is ``trustworthy`` only when the PSIS k-hat is at most
 effective sample size reached its target. :func:`score_profile` scores one profile against its exact reference, the
 row of a survey table or of the held-out test set; :func:`aggregate` sums the test set up.
 
-Measured (the same 50 held-out test profiles of the default survey, the models of ``python compare.py
---amortized``, each profile against its exact reference; ``--proposal flow`` against the default
-``adaptive``):
+Measured (the same 50 held-out test profiles of the default survey, the previous release's 10000-step
+models of ``python compare.py --amortized``, each profile against its exact reference; ``--proposal
+flow`` against the default ``adaptive``, before the pool's log-coordinate t and the Laplace search's
+new starts):
 
 | flow | proposal | share error <= 0.05 | trustworthy | 90th pct error | median draws |
 |---|---|---:|---:|---:|---:|
@@ -420,7 +421,7 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
     ``max_draws`` in the pool, default :data:`MAX_DRAWS`), and ``n_samples`` are resampled by the
     smoothed weights (``refine.importance_resample``). Every round, the flow's own and the
     adaptations' included, stays in the pool (:class:`MixturePool`): no draw is spent on adapting
-    alone. Measured on the committed models against the correction that kept only the best
+    alone. Measured on the previous release's 10000-step models against the correction that kept only the best
     proposal's rounds (``python compare.py --amortized [--density-bounds 1000 4000] --models ...``, 50
     test profiles): the median posterior time per profile 0.058-0.142 s against 0.081-0.205 s with
     the density known, 0.065-0.212 s against 0.097-0.297 s on the ridge, with the shares within 0.05
@@ -442,8 +443,8 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
     profile to 0.02). The rule flagged it, and with it, on the default survey, 6 of 50 profiles that
     were right (all with errors <= 0.05). Those are the strong anomalies the network places too
     coarsely, and for them the Laplace fit is an independent search (BFGS from several starts) that
-    needs no help from the flow: with it in the pool, the default survey's committed models (``python
-    compare.py --amortized --models figures/compare-amortized``) were trustworthy on 96-100 % of the
+    needs no help from the flow: with it in the pool, the default survey's 10000-step models of the
+    previous release (``python compare.py --amortized --models DIR``) were trustworthy on 96-100 % of the
     50 profiles against 72-82 % without, within 0.05 on 98-100 % against 96-100 %, and no silent
     failure either way. The t is in u only where the Laplace fit describes a peak
     (``forward.Laplace.theta_peak``). On the mass ridge (``--density-bounds 1000 4000``) a t in u
@@ -489,18 +490,17 @@ def corrected_posterior(model, data, log_likelihood, log_prior, n_samples, *, ge
         # a t in the flow's base space, fitted to the pool, and one in the pool's coordinates if given; where the
         # flow's own draws found too little for its map to be a guide, a t in u instead, and in the first round
         # one at the Gaussian given (the Laplace fit); every round joins the pool, and the best grows it
+        pool_theta = pool.concatenated("theta")
         candidates = [AdaptedProposal(model, context, log_likelihood, log_prior,
                                       *moment_matched(pool.concatenated("eps"), pool_log_weights))]
         if pool_coordinates is not None and flow_found_enough:
             candidates.append(UnconstrainedProposal(model, context, log_likelihood, log_prior,
-                                                    *moment_matched(_in_coordinates(pool_coordinates, model,
-                                                                                    pool.concatenated("theta")),
+                                                    *moment_matched(_in_coordinates(pool_coordinates, model, pool_theta),
                                                                     pool_log_weights), coordinates=pool_coordinates))
         if not flow_found_enough:
             candidates.append(UnconstrainedProposal(model, context, log_likelihood, log_prior,
-                                                    *moment_matched(_unconstrained(model, pool.concatenated("theta")),
-                                                                    pool_log_weights)))
-            gaussian = (gaussian_fit(pool.concatenated("theta"), pool.concatenated("log_joint"))
+                                                    *moment_matched(_unconstrained(model, pool_theta), pool_log_weights)))
+            gaussian = (gaussian_fit(pool_theta, pool.concatenated("log_joint"))
                         if rounds == 0 and gaussian_fit is not None else None)
             if gaussian is not None:
                 location, covariance, coordinates = gaussian
@@ -558,6 +558,10 @@ def corrected_profile_posterior(model, problem, n_samples, **options):
     parameter = next(model.parameters())
     log_likelihood = forward.TorchLikelihood(problem).to(device=parameter.device, dtype=parameter.dtype)
 
+    # the MCMC's log coordinates, where the mass ridge of a free density is a straight line
+    sampling = forward.SamplingCoordinates(problem, "log")
+    log_coordinates = LogCoordinates(sampling.logged, sampling.sign)
+
     def laplace_fit(theta, log_joint):
         # its search starts from the pool's best draws, near the posterior already, not from eight points of the box
         best = np.argsort(np.where(np.isnan(log_joint), -np.inf, log_joint))[::-1][:LAPLACE_STARTS]
@@ -568,20 +572,16 @@ def corrected_profile_posterior(model, problem, n_samples, **options):
             return None
         if laplace.theta_peak:
             return laplace.u_map, laplace.u_cov, None
-        # elsewhere (the mass ridge) the Laplace fit in the MCMC's log coordinates, where the ridge is straight:
-        # theta_map and theta_cov are then u's mode and covariance on the box, by the delta method
-        coordinates = forward.SamplingCoordinates(problem, "log")
-        return (coordinates.from_theta(laplace.theta_map),
-                coordinates.covariance_from_theta(laplace.theta_map, laplace.theta_cov),
-                LogCoordinates(coordinates.logged, coordinates.sign))
+        # elsewhere (the mass ridge) the Laplace fit in the log coordinates: theta_map and theta_cov are then u's
+        # mode and covariance on the box, by the delta method
+        return (sampling.from_theta(laplace.theta_map),
+                sampling.covariance_from_theta(laplace.theta_map, laplace.theta_cov), log_coordinates)
 
-    # on the mass ridge a t fitted to the pool in log coordinates too, where the ridge is straight (the t in the
-    # base space alone can cover part of it with a good ESS)
-    if problem.free_density and "pool_coordinates" not in options:
-        coordinates = forward.SamplingCoordinates(problem, "log")
-        options["pool_coordinates"] = LogCoordinates(coordinates.logged, coordinates.sign)
+    # on the mass ridge a t fitted to the pool in log coordinates too (the t in the base space alone can cover
+    # part of the ridge with a good ESS)
     return corrected_posterior(model, problem.g_obs, log_likelihood, problem.log_prior_density, n_samples,
-                               gaussian_fit=laplace_fit, **options)
+                               gaussian_fit=laplace_fit,
+                               pool_coordinates=log_coordinates if problem.free_density else None, **options)
 
 
 
