@@ -39,6 +39,9 @@ def parse(argv):
     parser.add_argument("--steps", type=int, default=200, help="steps per timing (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timings per flow; the median is kept (default: %(default)s)")
     parser.add_argument("--warm-up", type=int, default=30, help="untimed steps per flow first (default: %(default)s)")
+    parser.add_argument("--compile", action="store_true",
+                        help="time the flows' steps compiled (vi.train(compile=True)); the first step of each, which "
+                             "compiles, is timed apart and printed")
     parser.add_argument("--code", metavar="DIR", help="time the checkout in DIR (e.g. an older release) instead of this one")
     parser.add_argument("--json", metavar="FILE", help="also write the medians (ms) to FILE")
     return parser.parse_args(argv)
@@ -69,9 +72,12 @@ def main(argv=None):
     runs["bare"] = (flow.build_flow(options, lambda options, dim: [], laplace, problem, device, init), options)
     generator = torch.Generator(device=device).manual_seed(0)
 
+    compiled = {"compile": True} if args.compile else {}  # the older releases' train has no compile argument
+
     def train(model, options, steps):
-        vi.train(model, log_likelihood, problem.log_prior_density, iterations=steps, batch=args.batch, lr=options.lr,
-                 clip_norm=options.clip_norm, clip_value=options.clip_value, generator=generator, progress=False)
+        return vi.train(model, log_likelihood, problem.log_prior_density, iterations=steps, batch=args.batch,
+                        lr=options.lr, clip_norm=options.clip_norm, clip_value=options.clip_value, generator=generator,
+                        progress=False, **compiled)[1]
 
     # the floor: the likelihood's forward and backward pass at parameter sets q would draw
     with torch.no_grad():
@@ -83,6 +89,7 @@ def main(argv=None):
             log_likelihood(theta).sum().backward()
 
     floor(args.warm_up)
+    first_step = {name: train(model, options, 1) for name, (model, options) in runs.items()}  # compiles, with --compile
     for model, options in runs.values():
         train(model, options, args.warm_up)
     seconds = {"floor": []} | {name: [] for name in runs}
@@ -99,9 +106,10 @@ def main(argv=None):
     what = "the mass ridge (density unknown)" if args.density_bounds else "the default problem (density known)"
     print(f"ms per training step, batch {args.batch}, {problem.n_stations} stations, {problem.dim} unknowns, "
           f"{what}, start {init}; code {root}")
-    print(f"{'':<18} {'ms/step':>8} {'x floor':>8}")
+    print(f"{'':<18} {'ms/step':>8} {'x floor':>8}" + (f" {'first step (s)':>15}" if args.compile else ""))
     for name, value in ms.items():
-        print(f"{name:<18} {value:8.3f} {value / ms['floor']:8.2f}")
+        first = f" {first_step[name]:15.1f}" if args.compile and name in first_step else ""
+        print(f"{name:<18} {value:8.3f} {value / ms['floor']:8.2f}{first}")
     print("floor = the likelihood's forward + backward alone; bare = the flow with no layers (its Gaussian base)")
     if args.json:
         Path(args.json).write_text(json.dumps(ms, indent=1))

@@ -156,18 +156,21 @@ def train_run(args, build_layers, device):
         generator = torch.Generator(device=device).manual_seed(args.seed)
         n_parameters = int(sum(p.numel() for p in model.parameters()))
         print(f"amortize: {args.iterations} steps x {args.simulations} fresh simulations of a survey of "
-              f"{survey.n_stations} stations, {survey.dim} unknowns; {n_parameters} weights", file=sys.stderr)
+              f"{survey.n_stations} stations, {survey.dim} unknowns; {n_parameters} weights"
+              + ("; the training step compiled" if args.compile else ""), file=sys.stderr)
         cpu_start = time.process_time()  # the process's own CPU time: on a busy machine, what an idle one would take
         with cli.interruptible("training") as stop:
             try:
-                history, train_seconds, skipped = amortized.train_amortized(
+                history, train_seconds, skipped, compiled = amortized.train_amortized(
                     model, simulator, iterations=args.iterations, simulations=args.simulations, lr=args.lr,
-                    clip_norm=args.clip_norm, generator=generator, progress=not args.quiet, stop=stop)
+                    clip_norm=args.clip_norm, generator=generator, progress=not args.quiet, stop=stop,
+                    compile=args.compile)
             except TrainingDiverged as error:
                 return cli.fail_without_results(out, f"{error}; try a smaller --lr (now {args.lr:g}) or --clip-norm 10")
         training = {"iterations": int(history.size), "simulations_per_step": args.simulations,
                     "simulations": int(history.size) * args.simulations, "skipped_steps": skipped,
-                    "train_time_s": train_seconds, "train_cpu_s": time.process_time() - cpu_start, "lr": args.lr, "seed": args.seed,
+                    "train_time_s": train_seconds, "train_cpu_s": time.process_time() - cpu_start, "compiled": compiled,
+                    "lr": args.lr, "seed": args.seed,
                     "final_loss": float(np.nanmean(history[-min(500, history.size):])), "device": str(device),
                     "interrupted": bool(stop.interrupted)}
         record = model_file.model_record(model, method=args.method, flow=options, survey=survey, training=training,

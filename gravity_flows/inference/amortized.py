@@ -77,6 +77,7 @@ from tqdm import tqdm
 
 import forward
 from gravity_flows.flows.layers import FlowSequence, soft_clip
+from gravity_flows.inference import vi
 from gravity_flows.inference.vi import TrainingDiverged, lower_triangular
 from gravity_flows.scoring import convergence
 
@@ -346,7 +347,7 @@ MAX_SKIPPED_IN_A_ROW = 20
 
 
 def train_amortized(model, simulator, *, iterations, simulations, lr, clip_norm=None, generator=None,
-                    progress=True, stop=None):
+                    progress=True, stop=None, compile=False):
     """Maximum likelihood on fresh simulations: minimise -mean log q(theta_i | S(d_i)) by Adam.
 
     Parameters
@@ -358,13 +359,15 @@ def train_amortized(model, simulator, *, iterations, simulations, lr, clip_norm=
     clip_norm : clip the gradient's norm (None: no clipping)
     generator : torch generator of the simulations (the only randomness)
     progress, stop : a tqdm bar with the running loss; ``stop.interrupted`` ends training early
+    compile : compile the loss and its gradient with ``torch.compile`` (``vi.CompiledStep``: where it
+        cannot compile, a warning and the step uncompiled); the simulations stay uncompiled
 
     A step whose loss or gradient is not finite (a rare simulation q cannot yet place: the prototype
     diverged to NaN at step 9000 without this) is skipped; :class:`TrainingDiverged` after
     :data:`MAX_SKIPPED_IN_A_ROW` in a row, or if a parameter becomes non-finite.
 
-    Returns ``(history, seconds, skipped)``: the loss of every step done (NaN where skipped), the
-    training time, and the number of skipped steps.
+    Returns ``(history, seconds, skipped, compiled)``: the loss of every step done (NaN where skipped),
+    the training time, the number of skipped steps, and whether the step ran compiled.
     """
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(parameters, lr=lr)
@@ -376,12 +379,15 @@ def train_amortized(model, simulator, *, iterations, simulations, lr, clip_norm=
     clock = convergence.Clock(lambda: torch.cuda.synchronize(device) if device.type == "cuda" else None)
     skipped = in_a_row = 0
     done = iterations
+
+    def loss_terms(theta, data):
+        return (-model.log_prob(theta, model.summary(data)).mean(),)
+
+    step = vi.CompiledStep(loss_terms) if compile else vi.EagerStep(loss_terms)
     for iteration in bar:
         theta, data = simulator(simulations, generator)
-        theta, data = theta.to(dtype), data.to(dtype)
-        loss = -model.log_prob(theta, model.summary(data)).mean()
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss,) = step(theta.to(dtype), data.to(dtype))
         norm = nn.utils.clip_grad_norm_(parameters, math.inf if clip_norm is None else clip_norm)
         if torch.isfinite(loss) and torch.isfinite(norm):  # one host sync per step: cheap next to the step
             optimiser.step()
@@ -403,7 +409,7 @@ def train_amortized(model, simulator, *, iterations, simulations, lr, clip_norm=
     seconds = clock.seconds()
     if not all(torch.isfinite(p).all() for p in parameters):
         raise TrainingDiverged(f"training diverged by iteration {done}: some parameters are not finite")
-    return history[:done], seconds, skipped
+    return history[:done], seconds, skipped, step.compiled
 
 
 # ----------------------------------------------------------------------------------------------

@@ -119,3 +119,82 @@ def test_an_annealing_ess_outside_0_1_is_refused():
     with pytest.raises(ValueError, match="ESS"):
         vi.train(bare_flow(), narrow_gaussian, LOG_PRIOR, iterations=10, batch=4, lr=0.01, progress=False,
                  anneal=0.5, anneal_ess=1.0)
+
+
+def planar_flow():
+    from gravity_flows.flows.layers import Planar
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return vi.FlowPosterior([Planar(3), Planar(3)], BOUNDS, np.zeros(3), np.eye(3)).double()
+
+
+def train_planar(iterations, **options):
+    model, trace = planar_flow(), {}
+    history, _ = vi.train(model, narrow_gaussian, LOG_PRIOR, iterations=iterations, batch=16, lr=0.01, progress=False,
+                          generator=torch.Generator().manual_seed(4), anneal=0.5, trace=trace, **options)
+    return history, [p.detach().clone() for p in model.parameters()], trace
+
+
+@pytest.fixture
+def counting_backend(monkeypatch):
+    """A torch.compile backend that runs the captured graphs as they are and counts how many it was given."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(vi, "COMPILE_BACKEND", backend)
+    yield graphs
+    torch._dynamo.reset()
+
+
+def test_a_compiled_step_trains_as_the_eager_one_and_compiles_once(counting_backend):
+    """Compiled, the step is the same computation: the same ELBOs and weights as eagerly (same seed), and the
+    annealing temperature, a tensor, does not make it compile again at every beta."""
+    eager, eager_parameters, eager_trace = train_planar(60)
+    compiled, compiled_parameters, trace = train_planar(60, compile=True)
+    assert trace["compiled"] and not eager_trace["compiled"]
+    assert counting_backend, "nothing was compiled"
+    np.testing.assert_allclose(compiled, eager, rtol=1e-12)
+    for a, b in zip(compiled_parameters, eager_parameters):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    once = len(counting_backend)
+    torch._dynamo.reset()
+    counting_backend.clear()
+    train_planar(2, compile=True)
+    assert len(counting_backend) == once  # 60 iterations at 30 temperatures compiled what 2 iterations did
+
+
+def test_where_the_step_cannot_compile_it_trains_eagerly_with_a_warning(monkeypatch, capsys):
+    def no_compiler(graph_module, example_inputs):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(vi, "COMPILE_BACKEND", no_compiler)
+    try:
+        history, parameters, trace = train_planar(30, compile=True)
+    finally:
+        torch._dynamo.reset()
+    assert not trace["compiled"]
+    assert "could not compile" in capsys.readouterr().err
+    eager, eager_parameters, _ = train_planar(30)
+    np.testing.assert_array_equal(history, eager)  # the failed try drew nothing: the generator was put back
+    for a, b in zip(parameters, eager_parameters):
+        assert torch.equal(a, b)
+
+
+def test_the_inductor_compiled_step_agrees_with_the_eager_one():
+    """The real backend (C++ on this CPU): the same training to rounding (fused loops reorder sums)."""
+    torch._dynamo.reset()
+    try:
+        compiled, compiled_parameters, trace = train_planar(40, compile=True)
+    finally:
+        torch._dynamo.reset()
+    if not trace["compiled"]:
+        pytest.skip("torch.compile cannot compile here (no C++ compiler): the fallback is tested above")
+    eager, eager_parameters, _ = train_planar(40)
+    np.testing.assert_allclose(compiled, eager, rtol=1e-9)
+    for a, b in zip(compiled_parameters, eager_parameters):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
