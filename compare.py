@@ -154,6 +154,9 @@ def build_parser():
                        help=f"a short smoke run: flows {QUICK_FLOW_ITERATIONS} iterations, MCMC "
                             f"{QUICK_MCMC[1]} + {QUICK_MCMC[3]} burn-in per chain, a short cost-ratio timing")
     group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the flows train (default: %(default)s)")
+    group.add_argument("--compile", action="store_true",
+                       help="compile every flow's training step (the scripts' --compile); each flow's compilation "
+                            "counts in its training time")
     group.add_argument("--checkpoints", type=cli.nonnegative_int, default=CHECKPOINTS, metavar="N",
                        help="score every method against the exact reference at N points of its run, for the "
                             "convergence figure and the cost to reach error 0.05 (default: %(default)s)")
@@ -225,7 +228,7 @@ def method_argv(args, method, folder):
         return argv + (list(QUICK_MCMC) if args.quick else [])
     iterations = args.iterations or (QUICK_FLOW_ITERATIONS if args.quick else None)
     return (argv + (["--iterations", str(iterations)] if iterations else [])
-            + ["--device", args.device, "--refine", args.refine])
+            + ["--device", args.device, "--refine", args.refine] + (["--compile"] if args.compile else []))
 
 
 def call_script(method, argv):
@@ -515,7 +518,8 @@ def main(argv=None):
         passed, checked = passed + ratio_passed, checked + 1
     notes = [
         "Every method ran with `" + " ".join(common_argv(args)) + "`" + (", --quick" if args.quick else "")
-        + (f", flows --iterations {args.iterations}" if args.iterations else "") + ".",
+        + (f", flows --iterations {args.iterations}" if args.iterations else "")
+        + (", flows --compile (the training step compiled, its compilation counted)" if args.compile else "") + ".",
         "",
         f"- error: the largest, over {', '.join(problem.names)}, Wasserstein-1 distance between the method's samples and the exact "
         "marginal, in posterior sd. KL: KL(q‖p) = log Z − ELBO in nats (flows). IS ESS: effective sample size of the "
@@ -531,7 +535,8 @@ def main(argv=None):
             f"- cost ratio: time of one training iteration at batch {TIMING_BATCH} of the flow at its default settings "
             f"against the bare flow (the learnable affine base alone, a Gaussian q: {bare_ms:.2f} ms per iteration), "
             f"measured in this process: median of {timing['repeats']} interleaved repeats of {timing['iterations']} "
-            "iterations each, after a warm-up.")
+            "iterations each, after a warm-up" + (", uncompiled (the flows' own runs compiled their steps)"
+                                                  if args.compile else "") + ".")
     notes.append(f"- error 0.05 reached: seconds of the method's own work (training or sampling and drawing its samples; "
                  "the Laplace approximation, the exact reference and the scoring are not counted) and likelihood "
                  f"evaluations until its error stayed at or below {ERROR_GOAL:g} at every later checkpoint "
@@ -570,7 +575,7 @@ def amortize_argv(args, folder):
     for name in ("iterations", "simulations", "test_profiles"):
         value = getattr(args, name) or quick.get(name)
         argv += [f"--{name.replace('_', '-')}", str(value)] if value else []
-    return argv + (["--quiet"] if args.quiet else [])
+    return argv + (["--quiet"] if args.quiet else []) + (["--compile"] if args.compile else [])
 
 
 def run_amortized(method, args, folder):

@@ -16,6 +16,7 @@ versions in the same run (``--code DIR`` times the checkout in DIR instead of th
 
     python bench/flow_step.py                               # the default problem
     python bench/flow_step.py --density-bounds 1000 4000    # the mass ridge (density unknown)
+    python bench/flow_step.py --density-bounds 1000 4000 --compile   # and every step compiled, beside it
 """
 
 import argparse
@@ -40,8 +41,8 @@ def parse(argv):
     parser.add_argument("--repeats", type=int, default=5, help="timings per flow; the median is kept (default: %(default)s)")
     parser.add_argument("--warm-up", type=int, default=30, help="untimed steps per flow first (default: %(default)s)")
     parser.add_argument("--compile", action="store_true",
-                        help="time the flows' steps compiled (vi.train(compile=True)); the first step of each, which "
-                             "compiles, is timed apart and printed")
+                        help="also time every flow's step compiled (vi.train(compile=True)), beside the uncompiled one; "
+                             "the first compiled step, which compiles, is timed apart and printed")
     parser.add_argument("--code", metavar="DIR", help="time the checkout in DIR (e.g. an older release) instead of this one")
     parser.add_argument("--json", metavar="FILE", help="also write the medians (ms) to FILE")
     return parser.parse_args(argv)
@@ -63,25 +64,28 @@ def main(argv=None):
     init = start.choose_start("auto", problem, laplace).init
     log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)
 
-    runs = {}
+    def build(layers, options):
+        return flow.build_flow(options, layers, laplace, problem, device, init)
+
+    runs = {}  # (name, compiled) -> (model, options); with --compile, each flow twice: as it is, and compiled
     for method in args.methods.split(","):
         script = importlib.import_module(f"Gravity_{method}")
         options = flow.resolve_defaults(script.build_parser().parse_args([]), init)
-        runs[method] = (flow.build_flow(options, script.build_layers, laplace, problem, device, init), options)
-    options = next(iter(runs.values()))[1]
-    runs["bare"] = (flow.build_flow(options, lambda options, dim: [], laplace, problem, device, init), options)
+        for compiled in (False, True) if args.compile else (False,):
+            runs[method, compiled] = (build(script.build_layers, options), options)
+    for compiled in (False, True) if args.compile else (False,):
+        runs["bare", compiled] = (build(lambda options, dim: [], options), options)
     generator = torch.Generator(device=device).manual_seed(0)
 
-    compiled = {"compile": True} if args.compile else {}  # the older releases' train has no compile argument
-
-    def train(model, options, steps):
+    def train(model, options, steps, compiled):
+        compiling = {"compile": True} if compiled else {}  # the older releases' train has no compile argument
         return vi.train(model, log_likelihood, problem.log_prior_density, iterations=steps, batch=args.batch,
                         lr=options.lr, clip_norm=options.clip_norm, clip_value=options.clip_value, generator=generator,
-                        progress=False, **compiled)[1]
+                        progress=False, **compiling)[1]
 
     # the floor: the likelihood's forward and backward pass at parameter sets q would draw
     with torch.no_grad():
-        theta_floor, _ = runs["bare"][0].sample(args.batch, generator)
+        theta_floor, _ = runs["bare", False][0].sample(args.batch, generator)
 
     def floor(steps):
         for _ in range(steps):
@@ -89,28 +93,36 @@ def main(argv=None):
             log_likelihood(theta).sum().backward()
 
     floor(args.warm_up)
-    first_step = {name: train(model, options, 1) for name, (model, options) in runs.items()}  # compiles, with --compile
-    for model, options in runs.values():
-        train(model, options, args.warm_up)
-    seconds = {"floor": []} | {name: [] for name in runs}
+    first_step = {key: train(model, options, 1, key[1]) for key, (model, options) in runs.items()}  # compiles
+    for key, (model, options) in runs.items():
+        train(model, options, args.warm_up, key[1])
+    seconds = {"floor": []} | {key: [] for key in runs}
     for _ in range(args.repeats):
         began = time.perf_counter()
         floor(args.steps)
         seconds["floor"].append(time.perf_counter() - began)
-        for name, (model, options) in runs.items():
+        for key, (model, options) in runs.items():
             began = time.perf_counter()
-            train(model, options, args.steps)
-            seconds[name].append(time.perf_counter() - began)
-    ms = {name: 1e3 * statistics.median(values) / args.steps for name, values in seconds.items()}
+            train(model, options, args.steps, key[1])
+            seconds[key].append(time.perf_counter() - began)
+    ms = {key: 1e3 * statistics.median(values) / args.steps for key, values in seconds.items()}
+    floor_ms = ms["floor"]
 
     what = "the mass ridge (density unknown)" if args.density_bounds else "the default problem (density known)"
     print(f"ms per training step, batch {args.batch}, {problem.n_stations} stations, {problem.dim} unknowns, "
           f"{what}, start {init}; code {root}")
-    print(f"{'':<18} {'ms/step':>8} {'x floor':>8}" + (f" {'first step (s)':>15}" if args.compile else ""))
-    for name, value in ms.items():
-        first = f" {first_step[name]:15.1f}" if args.compile and name in first_step else ""
-        print(f"{name:<18} {value:8.3f} {value / ms['floor']:8.2f}{first}")
-    print("floor = the likelihood's forward + backward alone; bare = the flow with no layers (its Gaussian base)")
+    print(f"{'':<18} {'ms/step':>8} {'x floor':>8}"
+          + (f" {'compiled':>9} {'x floor':>8} {'first compiled step (s)':>24}" if args.compile else ""))
+    print(f"{'floor':<18} {floor_ms:8.3f} {1.0:8.2f}")
+    for name in dict.fromkeys(name for name, _ in runs):
+        line = f"{name:<18} {ms[name, False]:8.3f} {ms[name, False] / floor_ms:8.2f}"
+        if args.compile:
+            line += f" {ms[name, True]:9.3f} {ms[name, True] / floor_ms:8.2f} {first_step[name, True]:24.1f}"
+        print(line)
+    print("floor = the likelihood's forward + backward alone; bare = the flow with no layers (its Gaussian base)"
+          + ("; compiled: vi.train(compile=True), after its first step, which compiles (the first flow's also starts "
+             "the compiler itself; torch's on-disk cache makes all of them shorter on a later run)" if args.compile else ""))
+    ms = {(key if isinstance(key, str) else key[0] + (" compiled" if key[1] else "")): value for key, value in ms.items()}
     if args.json:
         Path(args.json).write_text(json.dumps(ms, indent=1))
     return 0

@@ -158,10 +158,11 @@ def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=Fal
     group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: %(default)s)")
     group.add_argument("--compile", action="store_true",
                        help="compile the training step with torch.compile (on the CPU it needs a C++ compiler; without "
-                            "one: a warning, and the step uncompiled). Measured on a 2-core laptop CPU: 2-3 times fewer ms "
-                            "per step, but the first step compiles, about 50 s while torch's on-disk cache is empty and "
-                            "about 5 s once it holds this flow, counted in the training time (README, 'Compiling the "
-                            "training step')")
+                            "one: a warning, and the step uncompiled). Measured on a 2-core laptop CPU: 1.6-3 times fewer "
+                            "ms per step, but the first step compiles, 7-50 s while torch's on-disk cache is empty and "
+                            "4-6 s once it holds this flow, counted in the training time: it pays in runs of thousands of "
+                            "iterations on a machine that has compiled the flow before (README, 'Compiling the training "
+                            "step')")
     if spline:
         group.add_argument("--bins", type=cli.positive_int, default=splines.DEFAULT_BINS, help="spline bins K (default: %(default)s)")
         group.add_argument("--tail-bound", type=cli.positive_float, default=splines.DEFAULT_TAIL_BOUND, metavar="B",

@@ -89,6 +89,14 @@ def test_quick_settings_are_what_quick_promises(tmp_path):
     assert flow_argv[flow_argv.index("--iterations") + 1] == "7"
 
 
+def test_compile_reaches_every_flow_and_no_mcmc(tmp_path):
+    args = compare.parse_args(["--compile"])
+    assert "--compile" in compare.method_argv(args, "planar", tmp_path)
+    assert "--compile" not in compare.method_argv(args, "MCMC", tmp_path)
+    assert "--compile" in compare.amortize_argv(compare.parse_args(["--amortized", "--compile"]), tmp_path)
+    assert "--compile" not in compare.method_argv(compare.parse_args([]), "planar", tmp_path)
+
+
 def test_quick_comparison_of_the_free_density_writes_every_file(tmp_path, ridge_profile, figures_rendered_only_in):
     """The free density through compare.py: MCMC and one flow (every flow's run on the ridge is in
     test_ridge.py), on the suite's ridge profile."""

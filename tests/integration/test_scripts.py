@@ -103,3 +103,36 @@ def test_training_takes_a_flow_from_the_prior_to_the_posterior(tmp_path, unrende
         runs[iterations] = json.loads((out / "summary.json").read_text())
     assert runs[1]["kl"] > 100 and runs[1]["error"] > 10
     assert runs[PRIOR_ITERATIONS]["kl"] < 0.3 and runs[PRIOR_ITERATIONS]["error"] < 0.15
+
+
+def test_compile_runs_the_same_training_and_the_summary_says_whether_it_compiled(tmp_path, unrendered_figures,
+                                                                                  monkeypatch, capsys):
+    """--compile reaches the training (a backend here that runs the captured graphs as they are, so the run is
+    the uncompiled one to rounding), and summary.json says whether the step ran compiled; where compiling fails,
+    the run goes on uncompiled, with a warning, to the same results."""
+    import torch
+
+    from gravity_flows.inference import vi
+
+    def run(name, *options):
+        argv = ["--iterations", "60", "--samples", "2000", "--out", str(tmp_path / name), "--quiet", *options]
+        assert Gravity_coupling_Affine.main(argv) == 0
+        return json.loads((tmp_path / name / "summary.json").read_text())
+
+    def failing(graph_module, example_inputs):
+        raise RuntimeError("no working C++ compiler")
+
+    graphs = []
+    plain = run("plain")
+    torch._dynamo.reset()
+    monkeypatch.setattr(vi, "COMPILE_BACKEND", lambda graph_module, inputs: graphs.append(1) or graph_module.forward)
+    compiled = run("compiled", "--compile")
+    torch._dynamo.reset()
+    monkeypatch.setattr(vi, "COMPILE_BACKEND", failing)
+    capsys.readouterr()
+    fell_back = run("fell-back", "--compile")
+    torch._dynamo.reset()
+    assert not plain["compiled"] and compiled["compiled"] and graphs and not fell_back["compiled"]
+    assert "could not compile" in capsys.readouterr().err
+    assert compiled["error"] == pytest.approx(plain["error"], rel=1e-6)
+    assert fell_back["error"] == plain["error"] and fell_back["elbo"] == plain["elbo"]
