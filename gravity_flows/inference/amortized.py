@@ -169,9 +169,12 @@ class AmortizedPosterior(nn.Module):
         dim = self.dim
         location = raw[:, :dim]
         log_scale = soft_clip(raw[:, dim:2 * dim], LOG_SCALE_LIMIT)
-        unit_lower = torch.eye(dim, dtype=raw.dtype, device=raw.device).expand(raw.shape[0], dim, dim)
-        unit_lower = unit_lower.index_put((torch.arange(raw.shape[0], device=raw.device)[:, None],
-                                           self.lower_index[0], self.lower_index[1]), raw[:, 2 * dim:])
+        # R(c) into zeros, then I added: the same numbers as writing R into an expanded identity, which
+        # torch.compile's inductor (torch 2.13, CPU) got wrong, as if every row were one (R off by 2.0)
+        strictly_lower = raw.new_zeros(raw.shape[0], dim, dim).index_put(
+            (torch.arange(raw.shape[0], device=raw.device)[:, None], self.lower_index[0], self.lower_index[1]),
+            raw[:, 2 * dim:])
+        unit_lower = strictly_lower + torch.eye(dim, dtype=raw.dtype, device=raw.device)
         return location, unit_lower, log_scale
 
     def pull(self, theta, context):
