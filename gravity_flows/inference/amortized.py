@@ -386,7 +386,7 @@ def train_amortized(model, simulator, *, iterations, simulations, lr, clip_norm=
     def loss_terms(theta, data):
         return (-model.log_prob(theta, model.summary(data)).mean(),)
 
-    step = vi.CompiledStep(loss_terms) if compile else vi.EagerStep(loss_terms)
+    step = vi.CompiledStep(loss_terms, parameters=parameters) if compile else vi.EagerStep(loss_terms)
     for iteration in bar:
         theta, data = simulator(simulations, generator)
         optimiser.zero_grad(set_to_none=True)

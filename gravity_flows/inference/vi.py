@@ -244,7 +244,7 @@ def train(model, log_likelihood, log_prior, *, iterations, batch, lr, clip_norm=
         log_rest = log_prior - log_q
         return -(step_beta * log_like + log_rest).mean(), (log_like + log_rest).mean(), log_like, log_rest
 
-    step = CompiledStep(loss_terms, generator) if compile else EagerStep(loss_terms)
+    step = CompiledStep(loss_terms, generator, model.parameters()) if compile else EagerStep(loss_terms)
     anneal_end = None if anneal_budget > 0 else 0  # the iteration at which annealing ended (None: not yet)
     checkpoints = set(checkpoints)
     history = torch.empty(iterations, dtype=torch.float64, device=device)
@@ -340,15 +340,17 @@ class CompiledStep(EagerStep):
 
     The first step is tried compiled; if compiling fails (no C++ compiler, a backend torch lacks) a
     warning names why, ``generator`` (the one ``loss_terms`` draws from, if any) is put back where it
-    was and every step runs eagerly (``compiled`` is then False)."""
+    was, any gradient of ``parameters`` the failed try left is dropped, and every step runs eagerly
+    (``compiled`` is then False)."""
 
-    def __init__(self, loss_terms, generator=None):
+    def __init__(self, loss_terms, generator=None, parameters=()):
         super().__init__(loss_terms)
         self.compiled = True
         self.eager = loss_terms
         with _quiet_compiler():
             self.loss_terms = torch.compile(loss_terms, dynamic=False, backend=COMPILE_BACKEND)
         self.generator = generator
+        self.parameters = list(parameters)
         self.first = True
 
     def __call__(self, *inputs):
@@ -360,11 +362,13 @@ class CompiledStep(EagerStep):
             with _quiet_compiler():
                 return super().__call__(*inputs)
         except Exception as error:  # compiling failed: nothing was stepped yet, so train eagerly instead
-            print(f"warning: --compile: torch.compile could not compile the training step "
-                  f"({type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); "
-                  "training without compiling", file=sys.stderr)
+            reason = (str(error).strip().splitlines() or [""])[0][:200]
+            print(f"warning: --compile: torch.compile could not compile the training step ({type(error).__name__}: "
+                  f"{reason}); training without compiling", file=sys.stderr)
             if state is not None:
                 self.generator.set_state(state)
+            for parameter in self.parameters:
+                parameter.grad = None
             self.compiled = False
             self.loss_terms = self.eager
             return super().__call__(*inputs)
