@@ -300,10 +300,11 @@ class Planar(nn.Module):
 
     @staticmethod
     def _constrained(u, w):
+        """(û, m(a), a) with a = wᵀu."""
         w_dot_u = _dot(w, u)
         w_dot_u_hat = F.elu(w_dot_u)  # m(wᵀu) >= -1 holds exactly in floating point too
         u_hat = u + (w_dot_u_hat - w_dot_u)[..., None] * w / _dot(w, w)[..., None]
-        return u_hat, w_dot_u_hat
+        return u_hat, w_dot_u_hat, w_dot_u
 
     def u_hat(self, context=None):
         """The constrained û, with wᵀû = ELU(wᵀu) >= -1 (one row per context row for a conditional layer)."""
@@ -312,17 +313,18 @@ class Planar(nn.Module):
 
     def forward(self, z, context=None):
         u, w, b = self._planar_parameters(context, z.shape[0])
-        u_hat, _ = self._constrained(u, w)
+        u_hat, _, a = self._constrained(u, w)
         h = torch.tanh(_dot(z, w) + b)
         y = z + h[:, None] * u_hat
         # 1 + ûᵀψ = 1 + (1 - h²) m(a), a = wᵀu (m(a) rather than w @ û, which can round below -1).
         # For a < 0, m(a) = eᵃ - 1 and 1 + (1 - h²)(eᵃ - 1) = h² + (1 - h²) eᵃ: a sum of two
         # non-negative terms, free of the cancellation that makes the first form -inf when eᵃ
         # rounds to 0 and h is small. Both branches are finite for every input, so torch.where
-        # passes finite gradients.
-        a = _dot(w, u)
-        positive = torch.log1p((1 - h * h) * a.clamp(min=0))
-        negative = torch.log(h * h + (1 - h * h) * torch.exp(a.clamp(max=0)))
+        # passes finite gradients. (h² and 1 - h² are formed once: each operation costs dispatch time.)
+        h_squared = h * h
+        slope = 1 - h_squared
+        positive = torch.log1p(slope * a.clamp(min=0))
+        negative = torch.log(h_squared + slope * torch.exp(a.clamp(max=0)))
         return y, torch.where(a >= 0, positive, negative)
 
     def inverse(self, y, context=None):
@@ -343,7 +345,7 @@ class Planar(nn.Module):
         through this inverse can be trained by maximum likelihood).
         """
         u, w, b = self._planar_parameters(context, y.shape[0])
-        u_hat, m = self._constrained(u, w)
+        u_hat, m, _ = self._constrained(u, w)
         c = _dot(y, w) + b
         with torch.no_grad():
             width = m.abs().detach().expand_as(c)
