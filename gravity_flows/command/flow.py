@@ -158,7 +158,7 @@ def flow_parser(doc, method, iterations, flows, hidden, lr, batch=64, spline=Fal
     group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: %(default)s)")
     group.add_argument("--compile", action="store_true",
                        help="compile the training step with torch.compile (on the CPU it needs a C++ compiler; without "
-                            "one: a warning, and the step uncompiled). Measured on a 2-core laptop CPU: 1.6-3 times fewer "
+                            "one: a warning, and the step uncompiled). Measured on a 2-core laptop CPU: 1.5-2.7 times fewer "
                             "ms per step, but the first step compiles, 7-50 s while torch's on-disk cache is empty and "
                             "4-6 s once it holds this flow, counted in the training time: it pays in runs of thousands of "
                             "iterations on a machine that has compiled the flow before (README, 'Compiling the training "

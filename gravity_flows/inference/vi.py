@@ -333,8 +333,8 @@ class CompiledStep(EagerStep):
     Why: a training step is a few hundred operations on 64 x 1000 numbers, and on a CPU most of its
     time is the dispatch of each operation, not arithmetic; compiled, the operations are fused into a
     few loops. Measured on the 2-core machine, one thread, float64 (``bench/flow_step.py --compile``;
-    README, 'Compiling the training step'): on the mass ridge 1.6-3 times fewer ms per step (2.0-3.5
-    against 3.3-8.0), but the first step compiles: 7-50 s while torch's on-disk cache
+    README, 'Compiling the training step'): on the mass ridge 1.5-2.7 times fewer ms per step (2.1-3.5
+    against 3.1-7.8), but the first step compiles: 7-50 s while torch's on-disk cache
     (``TORCHINDUCTOR_CACHE_DIR``, by default under the system's temporary folder) is empty, about
     4-6 s in a new process once it holds this flow's kernels.
 
