@@ -242,7 +242,9 @@ def train(model, log_likelihood, log_prior, *, iterations, batch, lr, clip_norm=
         theta, log_q = model.sample(batch, generator)
         log_like = log_likelihood(theta)
         log_rest = log_prior - log_q
-        return -(step_beta * log_like + log_rest).mean(), (log_like + log_rest).mean(), log_like, log_rest
+        # the ELBO is only recorded, never differentiated: formed from detached terms, autograd records nothing for it
+        elbo = (log_like.detach() + log_rest.detach()).mean()
+        return -(step_beta * log_like + log_rest).mean(), elbo, log_like, log_rest
 
     step = CompiledStep(loss_terms, generator, model.parameters()) if compile else EagerStep(loss_terms)
     anneal_end = None if anneal_budget > 0 else 0  # the iteration at which annealing ended (None: not yet)
