@@ -292,7 +292,7 @@ def time_per_iteration(methods, problem, laplace, device_name="cpu", iterations=
     models = {}
     for method in methods:
         script = _script(method)
-        args = flow.resolve_defaults(script.build_parser().parse_args([]), init)
+        args = flow.resolve_defaults(flow.resolve_coordinates(script.build_parser().parse_args([]), problem), init)
         models[method] = (flow.build_flow(args, script.build_layers, laplace, problem, device, init), args)
     if not models:
         return {}

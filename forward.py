@@ -487,6 +487,103 @@ class BoxBijection(torch.nn.Module):
         return u, -self.forward(u)[1]
 
 
+class MassBijection(torch.nn.Module):
+    """Fixed bijection from u in R^4 onto the box of (x0, z, R, drho) through the mass the data see.
+
+    The flows' coordinates on the mass ridge (``--coordinates mass``, the default with a free density).
+    With t = |drho| in [t_lo, t_hi], R in [r_lo, r_hi] and the mass m = t R³ in [t_lo r_lo³, t_hi r_hi³]:
+
+        x0, z = lo + (hi - lo) sigmoid(u_0), sigmoid(u_1)        (as :class:`BoxBijection`)
+        log m = log m_lo + L sigmoid(u_2),                       L = log(m_hi / m_lo)
+        log t = log a + l Phi(u_3),                              l = log(b / a)
+        R = (m / t)^(1/3),   drho = sign * t,
+
+    where [a, b] = [max(t_lo, m / r_hi³), min(t_hi, m / r_lo³)] are the contrasts the box allows at mass m
+    and Phi is the standard normal CDF. The map is triangular in (m, t), and dR/dm = R / (3 m) at fixed t,
+    so log|det dtheta/du| is
+
+        sum_{0,1} [log(hi - lo) - softplus(u) - softplus(-u)] + log L - softplus(u_2) - softplus(-u_2)
+            + log l + log phi(u_3) + log t + log R - log 3.
+
+    Why: in the box's own coordinates the ridge t R³ = m is a thin curve (its ends flatten where it meets
+    the bounds), which a flow must learn to bend. Here it is a line of constant u_2, and along it
+    p(t | m) ∝ t^(-1/3) becomes p(u_3 | m) ∝ phi(u_3) exp((2/3) l Phi(u_3)): a standard normal tilted by a
+    factor at most (b / a)^(2/3) (2.5 on the default ridge), which the flows' Gaussian base nearly is
+    already. A probit, not a logit, for that reason: a logit would leave a logistic, whose tails a Gaussian
+    base must learn. It is the flows' counterpart of the random walk's log coordinates
+    (:class:`SamplingCoordinates`), where the same ridge is a straight line; the exact reference integrates
+    over (x0, z, m) for the same reason. ``forward(u) -> (theta, log|det dtheta/du|)``, ``inverse(theta)
+    -> (u, log|det du/dtheta|)``; samples never leave the box.
+    """
+
+    #: What each u coordinate is (in messages): x0, z, the mass, the contrast at that mass.
+    NAMES = ("x0", "z", "m", "drho at m")
+    #: l never below this (at the two extreme masses the allowed contrasts shrink to one point).
+    MIN_LOG_RANGE = 1e-300
+
+    def __init__(self, bounds):
+        super().__init__()
+        bounds = np.asarray(bounds, dtype=float)
+        self.geometry = BoxBijection(bounds[:2])
+        (r_lo, r_hi), (d_lo, d_hi) = bounds[2], bounds[3]
+        self.sign = 1.0 if d_hi > 0 else -1.0
+        t_lo, t_hi = sorted((abs(d_lo), abs(d_hi)))
+        self.log_t_lo, self.log_t_hi = math.log(t_lo), math.log(t_hi)
+        self.log_r_lo, self.log_r_hi = math.log(r_lo), math.log(r_hi)
+        self.log_m_lo = self.log_t_lo + 3 * self.log_r_lo
+        self.log_m_range = self.log_t_hi + 3 * self.log_r_hi - self.log_m_lo
+
+    def _contrasts(self, log_m):
+        """log a and l = log(b / a) at log m."""
+        log_a = torch.clamp(log_m - 3 * self.log_r_hi, min=self.log_t_lo)
+        log_b = torch.clamp(log_m - 3 * self.log_r_lo, max=self.log_t_hi)
+        return log_a, torch.clamp(log_b - log_a, min=self.MIN_LOG_RANGE)
+
+    def forward(self, u):
+        softplus = torch.nn.functional.softplus
+        xz, log_det = self.geometry(u[..., :2])
+        log_m = self.log_m_lo + self.log_m_range * torch.sigmoid(u[..., 2])
+        log_a, log_range = self._contrasts(log_m)
+        log_t = torch.clamp(log_a + log_range * torch.special.ndtr(u[..., 3]), self.log_t_lo, self.log_t_hi)
+        log_r = torch.clamp((log_m - log_t) / 3, self.log_r_lo, self.log_r_hi)
+        theta = torch.cat([xz, torch.exp(log_r)[..., None], (self.sign * torch.exp(log_t))[..., None]], -1)
+        log_det = (log_det + math.log(self.log_m_range) - softplus(u[..., 2]) - softplus(-u[..., 2])
+                   + torch.log(log_range) - 0.5 * u[..., 3].square() - 0.5 * math.log(2 * math.pi)
+                   + log_t + log_r - math.log(3.0))
+        return theta, log_det
+
+    def inverse(self, theta):
+        u_xz, _ = self.geometry.inverse(theta[..., :2])
+        log_t = torch.log(self.sign * theta[..., 3])
+        log_m = log_t + 3 * torch.log(theta[..., 2])
+        log_a, log_range = self._contrasts(log_m)
+        u_m = torch.logit((log_m - self.log_m_lo) / self.log_m_range)
+        u_t = torch.special.ndtri((log_t - log_a) / log_range)
+        u = torch.cat([u_xz, u_m[..., None], u_t[..., None]], -1)
+        return u, -self.forward(u)[1]
+
+
+#: The flows' coordinates (``--coordinates``): "box", u -> theta through :class:`BoxBijection`; "mass",
+#: through :class:`MassBijection` (a free density only).
+FLOW_COORDINATES = ("box", "mass")
+
+
+def flow_bijection(coordinates, bounds):
+    """The fixed bijection from the flows' u onto the box ``bounds`` in ``coordinates`` (:data:`FLOW_COORDINATES`)."""
+    if coordinates == "box":
+        return BoxBijection(bounds)
+    if coordinates == "mass":
+        if len(bounds) != len(SPHERE_FREE_DENSITY):
+            raise ValueError("mass coordinates need a free density (theta = x0, z, R, drho)")
+        return MassBijection(bounds)
+    raise ValueError(f"coordinates must be one of {FLOW_COORDINATES}, got {coordinates!r}")
+
+
+def default_flow_coordinates(problem):
+    """"mass" with a free density, where the ridge needs it; "box" otherwise."""
+    return "mass" if problem.free_density else "box"
+
+
 def to_box(problem, u):
     """numpy: theta = lo + (hi - lo) * sigmoid(u), and dtheta/du per coordinate."""
     sig = expit(np.asarray(u))

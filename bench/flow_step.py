@@ -70,7 +70,10 @@ def main(argv=None):
     runs = {}  # (name, compiled) -> (model, options); with --compile, each flow twice: as it is, and compiled
     for method in args.methods.split(","):
         script = importlib.import_module(f"Gravity_{method}")
-        options = flow.resolve_defaults(script.build_parser().parse_args([]), init)
+        options = script.build_parser().parse_args([])
+        if hasattr(flow, "resolve_coordinates"):  # older releases have one coordinate system, the box's
+            flow.resolve_coordinates(options, problem)
+        options = flow.resolve_defaults(options, init)
         for compiled in (False, True) if args.compile else (False,):
             runs[method, compiled] = (build(script.build_layers, options), options)
     for compiled in (False, True) if args.compile else (False,):

@@ -49,18 +49,20 @@ class FlowPosterior(nn.Module):
     """q(theta): standard normal -> learnable affine map -> flow layers -> fixed standardisation -> box.
 
     ``bounds`` (dim, 2) is the prior box, one row per unknown; ``shift`` (dim,) and ``scale_tril``
-    (dim, dim) are the fixed standardisation u = shift + scale_tril y.
+    (dim, dim) are the fixed standardisation u = shift + scale_tril y; ``coordinates`` names the fixed
+    bijection from u onto the box (``forward.flow_bijection``: "box", or "mass" with a free density).
     """
 
-    def __init__(self, layers, bounds, shift, scale_tril):
+    def __init__(self, layers, bounds, shift, scale_tril, coordinates="box"):
         super().__init__()
         dim = len(bounds)
         self.dim = dim
+        self.coordinates = coordinates
         self.loc = nn.Parameter(torch.zeros(dim))
         self.raw_diagonal = nn.Parameter(torch.zeros(dim))
         self.raw_lower = nn.Parameter(torch.zeros(dim * (dim - 1) // 2))
         self.flow = FlowSequence(layers)
-        self.box = forward.BoxBijection(bounds)
+        self.box = forward.flow_bijection(coordinates, bounds)
         self.register_buffer("shift", torch.as_tensor(np.asarray(shift, dtype=float)))
         self.register_buffer("scale_tril", torch.as_tensor(np.asarray(scale_tril, dtype=float)))
         self.register_buffer("lower_index", torch.tril_indices(dim, dim, offset=-1))
@@ -101,7 +103,27 @@ def lower_triangular(raw_diagonal, raw_lower, lower_index):
 PRESSED_U = 3.0
 
 
-def prior_centre(laplace):
+def mode_u(laplace, coordinates="box", bounds=None):
+    """The Laplace fit's mode in the flows' u of ``coordinates`` on the box ``bounds`` (needed unless "box"),
+    and the Jacobian du/du_box there (dim, dim).
+
+    In the box's own coordinates that is the fit's u and the identity; in mass coordinates the mode is
+    mapped through the box onto theta and back (``forward.MassBijection.inverse``), and the Jacobian of
+    that composite map is what carries the fit's covariance into them (the delta method)."""
+    if coordinates == "box":
+        return laplace.u_map, np.eye(laplace.u_map.size)
+    box = forward.BoxBijection(bounds).double()
+    flows_map = forward.flow_bijection(coordinates, bounds).double()
+
+    def to_flows_u(u_box):
+        return flows_map.inverse(box(u_box)[0])[0]
+
+    u_box = torch.as_tensor(laplace.u_map, dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(to_flows_u, u_box)
+    return to_flows_u(u_box).numpy(), jacobian.numpy()
+
+
+def prior_centre(laplace, coordinates="box", bounds=None):
     """The centre of the flow's frame from the prior start, u = shift + y: 0 (the box's centre) in every
     coordinate, except where the mode of the posterior of u lies beyond ``PRESSED_U``, where it is the mode.
 
@@ -112,17 +134,21 @@ def prior_centre(laplace):
     (density known and free). Where the mode lies within ``PRESSED_U`` nothing changes: centring every
     coordinate on the mode made coupling_NSF worse on the mass ridge (seeds 0-2: 0.27, 0.30, 0.10 against
     0.11, 0.10, 0.19) and planar too (seeds 1-2: 0.073, 0.079). Where the data barely constrain the body
-    (``laplace.weak``) the mode is no guide: 0 everywhere."""
+    (``laplace.weak``) the mode is no guide: 0 everywhere. The mode is the Laplace fit's, in the flows'
+    ``coordinates`` (:func:`mode_u`)."""
     if laplace.weak:
         return np.zeros(laplace.u_map.size)
-    return np.where(np.abs(laplace.u_map) > PRESSED_U, laplace.u_map, 0.0)
+    mode, _ = mode_u(laplace, coordinates, bounds)
+    return np.where(np.abs(mode) > PRESSED_U, mode, 0.0)
 
 
-def standardisation(init, laplace):
-    """(shift, scale_tril) of the fixed map u = shift + scale_tril y for ``--init``."""
+def standardisation(init, laplace, coordinates="box", bounds=None):
+    """(shift, scale_tril) of the fixed map u = shift + scale_tril y for ``--init``, in the flows' ``coordinates``
+    on the box ``bounds`` (needed unless "box")."""
     if init == "laplace":
-        return laplace.u_map, np.linalg.cholesky(laplace.u_cov)
-    return prior_centre(laplace), np.eye(laplace.u_map.size)
+        mode, jacobian = mode_u(laplace, coordinates, bounds)
+        return mode, np.linalg.cholesky(jacobian @ laplace.u_cov @ jacobian.T)
+    return prior_centre(laplace, coordinates, bounds), np.eye(laplace.u_map.size)
 
 
 #: Annealing: beta rises geometrically from this to 1 (Rezende & Mohamed 2015 anneal their free energy likewise).
