@@ -23,7 +23,7 @@ def build_layers(args, dim, context=0):
 
 
 def build_parser():
-    return flow.flow_parser(__doc__, "auto_Affine", iterations={"laplace": 3000, "prior": 4000}, flows=4, hidden=32, lr=0.005,
+    return flow.flow_parser(__doc__, "auto_Affine", iterations={"laplace": 3000, "prior": 4000, "mass": 1500}, flows=4, hidden=32, lr=0.005,
                           amortized_defaults={"flows": 4})
 
 

@@ -25,7 +25,7 @@ def build_layers(args, dim, context=0):
 
 
 def build_parser():
-    return flow.flow_parser(__doc__, "auto_NSF", iterations={"laplace": 2000, "prior": 4000}, flows=3, hidden=32, lr=0.005, spline=True,
+    return flow.flow_parser(__doc__, "auto_NSF", iterations={"laplace": 2000, "prior": 4000, "mass": 1500}, flows=3, hidden=32, lr=0.005, spline=True,
                           amortized_defaults={"flows": 3})
 
 

@@ -38,7 +38,7 @@ def build_layers(args, dim, context=0):
 
 
 def build_parser():
-    return flow.flow_parser(__doc__, "coupling_NSF", iterations={"laplace": 2000, "prior": 4000}, flows={"laplace": 3, "prior": 5, "mass": 3},
+    return flow.flow_parser(__doc__, "coupling_NSF", iterations={"laplace": 2000, "prior": 4000, "mass": 1500}, flows={"laplace": 3, "prior": 5, "mass": 3},
                             clip_norm={"laplace": None, "prior": 10.0, "mass": None}, hidden=32, lr=0.005, spline=True,
                           amortized_defaults={"flows": 3})
 

@@ -24,8 +24,8 @@ def build_layers(args, dim, context=0):
 
 
 def build_parser():
-    return flow.flow_parser(__doc__, "invertible_Affine", iterations={"laplace": 3000, "prior": 4000},
-                          flows={"laplace": 3, "prior": 5}, hidden=32, lr=0.005,
+    return flow.flow_parser(__doc__, "invertible_Affine", iterations={"laplace": 3000, "prior": 4000, "mass": 2000},
+                          flows={"laplace": 3, "prior": 5, "mass": 3}, hidden=32, lr=0.005,
                           amortized_defaults={"flows": 3})
 
 

@@ -21,7 +21,7 @@ def build_layers(args, dim, context=0):
 
 
 def build_parser():
-    return flow.flow_parser(__doc__, "planar", iterations={"laplace": 3000, "prior": 4000},
+    return flow.flow_parser(__doc__, "planar", iterations={"laplace": 3000, "prior": 4000, "mass": 1500},
                                flows={"laplace": 8, "prior": 16}, hidden=None, lr=0.01,
                           amortized_defaults={"flows": 8})
 

@@ -528,6 +528,7 @@ class MassBijection(torch.nn.Module):
         (r_lo, r_hi), (d_lo, d_hi) = bounds[2], bounds[3]
         self.sign = 1.0 if d_hi > 0 else -1.0
         t_lo, t_hi = sorted((abs(d_lo), abs(d_hi)))
+        self.r_lo, self.r_hi, self.t_lo, self.t_hi = float(r_lo), float(r_hi), t_lo, t_hi
         self.log_t_lo, self.log_t_hi = math.log(t_lo), math.log(t_hi)
         self.log_r_lo, self.log_r_hi = math.log(r_lo), math.log(r_hi)
         self.log_m_lo = self.log_t_lo + 3 * self.log_r_lo
@@ -546,7 +547,9 @@ class MassBijection(torch.nn.Module):
         log_a, log_range = self._contrasts(log_m)
         log_t = torch.clamp(log_a + log_range * torch.special.ndtr(u[..., 3]), self.log_t_lo, self.log_t_hi)
         log_r = torch.clamp((log_m - log_t) / 3, self.log_r_lo, self.log_r_hi)
-        theta = torch.cat([xz, torch.exp(log_r)[..., None], (self.sign * torch.exp(log_t))[..., None]], -1)
+        radius = torch.clamp(torch.exp(log_r), self.r_lo, self.r_hi)  # exp(log r_lo) may round below r_lo
+        contrast = self.sign * torch.clamp(torch.exp(log_t), self.t_lo, self.t_hi)
+        theta = torch.cat([xz, radius[..., None], contrast[..., None]], -1)
         log_det = (log_det + math.log(self.log_m_range) - softplus(u[..., 2]) - softplus(-u[..., 2])
                    + torch.log(log_range) - 0.5 * u[..., 3].square() - 0.5 * math.log(2 * math.pi)
                    + log_t + log_r - math.log(3.0))

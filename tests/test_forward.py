@@ -360,3 +360,83 @@ def test_write_profile_reads_back_bit_for_bit(tmp_path):
     assert np.array_equal(one_sigma, np.full(30, 0.7))
     x, g, no_sigma = forward.read_profile(forward.write_profile(tmp_path / "none.csv", stations, g_obs))
     assert no_sigma is None and np.array_equal(x, stations) and np.array_equal(g, g_obs)
+
+
+#: Free-density boxes for the mass coordinates: the default ridge, a box whose R range cuts the ridge, a cavity.
+MASS_BOXES = {
+    "ridge": ((0, 10), (1, 15), (0.5, 5), (1000, 4000)),
+    "R-cut": ((-10, 10), (0.5, 10), (0.5, 2), (1000, 4000)),
+    "cavity": ((0, 10), (1, 15), (0.5, 5), (-2700, -1000)),
+}
+
+
+@pytest.mark.parametrize("box", MASS_BOXES.values(), ids=MASS_BOXES.keys())
+def test_mass_bijection_round_trip_and_log_jacobian(box):
+    bijection = forward.MassBijection(np.array(box, dtype=float))
+    u = torch.randn(20, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2.5
+    theta, log_det = bijection(u)
+    u_back, log_det_inverse = bijection.inverse(theta)
+    torch.testing.assert_close(u_back, u, atol=1e-8, rtol=1e-8)
+    # the probit's tail: Phi(u) near 1 keeps fewer digits of u, so the inverse's log-determinant agrees to 1e-8
+    torch.testing.assert_close(log_det + log_det_inverse, torch.zeros(20, dtype=torch.float64), atol=1e-8, rtol=0)
+    for row, value in zip(u, log_det):
+        jacobian = torch.autograd.functional.jacobian(lambda v: bijection(v)[0], row)
+        assert value.item() == pytest.approx(torch.linalg.slogdet(jacobian).logabsdet.item(), rel=1e-10, abs=1e-10)
+
+
+@pytest.mark.parametrize("box", MASS_BOXES.values(), ids=MASS_BOXES.keys())
+def test_mass_bijection_never_leaves_the_box(box):
+    bounds = np.array(box, dtype=float)
+    bijection = forward.MassBijection(bounds)
+    extremes = torch.tensor([[40.0, -40.0, 40.0, 40.0], [-40.0, 40.0, -40.0, -40.0], [0.0, 0.0, 1e3, -1e3],
+                             [0.0, 0.0, -1e3, 1e3], [0.0, 0.0, 0.0, 9.0]], dtype=torch.float64)
+    u = torch.cat([extremes, torch.randn(2000, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 4])
+    theta, log_det = bijection(u)
+    low, high = torch.tensor(bounds[:, 0]), torch.tensor(bounds[:, 1])
+    assert ((theta >= low) & (theta <= high)).all()
+    assert torch.isfinite(log_det).all()
+    theta32, _ = bijection(u.float())
+    assert ((theta32 >= low.float()) & (theta32 <= high.float())).all()
+
+
+@pytest.mark.parametrize("box", MASS_BOXES.values(), ids=MASS_BOXES.keys())
+def test_mass_bijection_carries_a_density_whole_onto_the_box(box):
+    """A standard normal in u pushed onto the box has a density there (log N(u) + log|du/dtheta|) that
+    integrates to 1: E over theta uniform on the box of q(theta) / U(theta) is 1. A log-determinant off by a
+    constant (log 3, log L) or by a term in u (the probit's log phi) fails this."""
+    bounds = np.array(box, dtype=float)
+    bijection = forward.MassBijection(bounds)
+    rng = np.random.default_rng(3)
+    n = 400_000
+    theta = torch.as_tensor(rng.uniform(bounds[:, 0], bounds[:, 1], size=(n, 4)))
+    inside = (theta[:, 3].abs() * theta[:, 2] ** 3 > 0)  # every draw: any (R, drho) of the box has a mass
+    u, log_det_inverse = bijection.inverse(theta[inside])
+    log_q = -0.5 * u.square().sum(-1) - 2 * math.log(2 * math.pi) + log_det_inverse
+    log_volume = float(np.log(bounds[:, 1] - bounds[:, 0]).sum())
+    ratio = torch.exp(log_q + log_volume)
+    assert ratio.mean().item() == pytest.approx(1.0, abs=6 * ratio.std().item() / math.sqrt(n))
+
+
+def test_mass_bijection_makes_the_ridge_a_tilted_normal():
+    """Along the ridge (u_0, u_1, u_2 fixed) the uniform prior's density in u_3 is phi(u_3) exp((2/3) l Phi(u_3))
+    times a constant (the docstring's reason for the probit): the ratio is the same at every u_3."""
+    bounds = np.array(MASS_BOXES["ridge"], dtype=float)
+    bijection = forward.MassBijection(bounds)
+    u3 = torch.linspace(-4, 4, 41, dtype=torch.float64)
+    u = torch.stack([torch.full_like(u3, 0.3), torch.full_like(u3, -0.2), torch.full_like(u3, 0.1), u3], -1)
+    theta, log_det = bijection(u)  # log p_u = log U + log_det: the prior's density in u
+    mass = theta[0, 3] * theta[0, 2] ** 3
+    a, b = max(1000.0, mass.item() / 5.0**3), min(4000.0, mass.item() / 0.5**3)
+    tilted = -0.5 * u3.square() + (2.0 / 3.0) * math.log(b / a) * torch.special.ndtr(u3)
+    torch.testing.assert_close(theta[:, 3] * theta[:, 2] ** 3, mass.expand(41), rtol=1e-12, atol=0)  # one mass
+    ratio = log_det - tilted
+    assert (ratio - ratio[0]).abs().max().item() < 1e-10
+
+
+def test_flow_coordinates_refuse_what_they_cannot_map():
+    with pytest.raises(ValueError, match="free density"):
+        forward.flow_bijection("mass", np.array(forward.DEFAULT_BOUNDS))
+    with pytest.raises(ValueError, match="coordinates must be one of"):
+        forward.flow_bijection("log", np.array(forward.DEFAULT_BOUNDS))
+    assert forward.default_flow_coordinates(forward.synthetic_problem()) == "box"
+    assert forward.default_flow_coordinates(forward.synthetic_problem(density_bounds=(1000, 4000))) == "mass"

@@ -69,3 +69,39 @@ def test_a_laplace_start_that_is_nearly_the_posterior_trains_the_short_budget():
     assert iterations([], "laplace", None) == long["laplace"]
     assert iterations(["--iterations", "2500"], "laplace", 0.999) == 2500
     assert iterations([], "prior", 0.999) == long["prior"]
+
+
+def test_mass_coordinates_are_the_ridge_default_and_bring_their_own_prior_defaults():
+    """With a free density the flows work in mass coordinates, where from the prior the scripts' "mass" defaults
+    hold (annealed over flow.ANNEAL_FROM_PRIOR_MASS); --coordinates box restores the box's prior defaults; the
+    Laplace start keeps its own; with the density known, or from an amortized model, mass coordinates are refused."""
+    import forward
+    import Gravity_coupling_NSF
+    import Gravity_invertible_Affine
+    from gravity_flows.command import flow
+
+    ridge, known = forward.synthetic_problem(density_bounds=(1000, 4000)), forward.synthetic_problem()
+
+    def resolved(script, argv, problem, init):
+        args = flow.resolve_coordinates(script.build_parser().parse_args(argv), problem)
+        return flow.resolve_defaults(args, init)
+
+    spline = resolved(Gravity_coupling_NSF, [], ridge, "prior")
+    assert (spline.coordinates, spline.iterations, spline.flows, spline.clip_norm, spline.anneal) == \
+        ("mass", 1500, 3, None, flow.ANNEAL_FROM_PRIOR_MASS)
+    glow = resolved(Gravity_invertible_Affine, [], ridge, "prior")
+    assert (glow.iterations, glow.flows) == (2000, 3)
+    boxed = resolved(Gravity_coupling_NSF, ["--coordinates", "box"], ridge, "prior")
+    assert (boxed.coordinates, boxed.iterations, boxed.flows, boxed.clip_norm, boxed.anneal) == \
+        ("box", 4000, 5, 10.0, flow.ANNEAL_FROM_PRIOR)
+    laplace = resolved(Gravity_coupling_NSF, [], ridge, "laplace")
+    assert (laplace.coordinates, laplace.iterations, laplace.flows, laplace.anneal) == ("mass", 2000, 3, 0.0)
+    default = resolved(Gravity_coupling_NSF, ["--anneal", "0.5", "--iterations", "900"], known, "prior")
+    assert (default.coordinates, default.iterations, default.flows, default.anneal) == ("box", 900, 5, 0.5)
+    with pytest.raises(forward.DataError, match="--coordinates mass needs a free density"):
+        resolved(Gravity_coupling_NSF, ["--coordinates", "mass"], known, "prior")
+    amortized = Gravity_coupling_NSF.build_parser().parse_args(["--init", "amortized", "--coordinates", "mass"])
+    with pytest.raises(forward.DataError, match="drop --coordinates mass"):
+        flow.resolve_coordinates(amortized, ridge)
+    assert flow.resolve_coordinates(Gravity_coupling_NSF.build_parser().parse_args(["--init", "amortized"]),
+                                    ridge).coordinates == "box"
