@@ -154,6 +154,9 @@ def build_parser():
                        help=f"a short smoke run: flows {QUICK_FLOW_ITERATIONS} iterations, MCMC "
                             f"{QUICK_MCMC[1]} + {QUICK_MCMC[3]} burn-in per chain, a short cost-ratio timing")
     group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the flows train (default: %(default)s)")
+    group.add_argument("--coordinates", choices=forward.FLOW_COORDINATES,
+                       help="the flows' coordinates (the scripts' --coordinates; default: theirs, mass with "
+                            "--density-bounds, box otherwise)")
     group.add_argument("--compile", action="store_true",
                        help="compile every flow's training step (the scripts' --compile); each flow's compilation "
                             "counts in its training time")
@@ -191,6 +194,10 @@ def parse_args(argv):
                  if getattr(args, name) is not None]
         if given:
             raise DataError(f"{', '.join(given)} only with --amortized")
+    if args.coordinates == "mass" and args.density_bounds is None:
+        raise DataError("--coordinates mass needs a free density (--density-bounds LO HI)")
+    if args.amortized and args.coordinates:
+        raise DataError("--coordinates is a per-profile flow option; the amortized models work in the box's coordinates")
     return args
 
 
@@ -228,7 +235,8 @@ def method_argv(args, method, folder):
         return argv + (list(QUICK_MCMC) if args.quick else [])
     iterations = args.iterations or (QUICK_FLOW_ITERATIONS if args.quick else None)
     return (argv + (["--iterations", str(iterations)] if iterations else [])
-            + ["--device", args.device, "--refine", args.refine] + (["--compile"] if args.compile else []))
+            + ["--device", args.device, "--refine", args.refine] + (["--compile"] if args.compile else [])
+            + (["--coordinates", args.coordinates] if args.coordinates else []))
 
 
 def call_script(method, argv):
@@ -271,7 +279,8 @@ def _status_text(run):
 # The per-iteration cost of each flow against the bare flow
 
 
-def time_per_iteration(methods, problem, laplace, device_name="cpu", iterations=300, repeats=3, warm_up=30):
+def time_per_iteration(methods, problem, laplace, device_name="cpu", iterations=300, repeats=3, warm_up=30,
+                       coordinates=None):
     """Median seconds per training iteration (batch 64) of each flow at its default settings, and of the bare flow.
 
     The bare flow is the same variational posterior with no layers: the learnable affine base
@@ -292,7 +301,8 @@ def time_per_iteration(methods, problem, laplace, device_name="cpu", iterations=
     models = {}
     for method in methods:
         script = _script(method)
-        args = flow.resolve_defaults(flow.resolve_coordinates(script.build_parser().parse_args([]), problem), init)
+        given = ["--coordinates", coordinates] if coordinates else []
+        args = flow.resolve_defaults(flow.resolve_coordinates(script.build_parser().parse_args(given), problem), init)
         models[method] = (flow.build_flow(args, script.build_layers, laplace, problem, device, init), args)
     if not models:
         return {}
@@ -480,7 +490,7 @@ def main(argv=None):
     if flows and not args.no_cost_ratio and not interrupted:
         print(f"compare: timing a training iteration of each flow against the bare flow "
               f"({timing['repeats']} × {timing['iterations']} iterations each)", file=sys.stderr, flush=True)
-        seconds = time_per_iteration(flows, problem, laplace, args.device, **timing)
+        seconds = time_per_iteration(flows, problem, laplace, args.device, **timing, coordinates=args.coordinates)
         bare_ms = 1e3 * seconds["bare"]
         ratios = {method: seconds[method] / seconds["bare"] for method in flows}
 
@@ -519,7 +529,8 @@ def main(argv=None):
     notes = [
         "Every method ran with `" + " ".join(common_argv(args)) + "`" + (", --quick" if args.quick else "")
         + (f", flows --iterations {args.iterations}" if args.iterations else "")
-        + (", flows --compile (the training step compiled, its compilation counted)" if args.compile else "") + ".",
+        + (", flows --compile (the training step compiled, its compilation counted)" if args.compile else "")
+        + (f", flows --coordinates {args.coordinates}" if args.coordinates else "") + ".",
         "",
         f"- error: the largest, over {', '.join(problem.names)}, Wasserstein-1 distance between the method's samples and the exact "
         "marginal, in posterior sd. KL: KL(q‖p) = log Z − ELBO in nats (flows). IS ESS: effective sample size of the "

@@ -17,6 +17,7 @@ versions in the same run (``--code DIR`` times the checkout in DIR instead of th
     python bench/flow_step.py                               # the default problem
     python bench/flow_step.py --density-bounds 1000 4000    # the mass ridge (density unknown)
     python bench/flow_step.py --density-bounds 1000 4000 --compile   # and every step compiled, beside it
+    python bench/flow_step.py --density-bounds 1000 4000 --coordinates box   # the flows in the box's coordinates
 """
 
 import argparse
@@ -36,6 +37,9 @@ def parse(argv):
     parser.add_argument("--density-bounds", nargs=2, type=float, metavar=("LO", "HI"),
                         help="make the density a fourth unknown (the mass ridge); default: the density is known")
     parser.add_argument("--methods", default=",".join(FLOWS), help="comma-separated flows (default: all six)")
+    parser.add_argument("--coordinates", choices=("box", "mass"),
+                        help="the flows' coordinates (the scripts' --coordinates; default: theirs, mass with "
+                             "--density-bounds)")
     parser.add_argument("--batch", type=int, default=64, help="samples per step (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=200, help="steps per timing (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timings per flow; the median is kept (default: %(default)s)")
@@ -70,7 +74,7 @@ def main(argv=None):
     runs = {}  # (name, compiled) -> (model, options); with --compile, each flow twice: as it is, and compiled
     for method in args.methods.split(","):
         script = importlib.import_module(f"Gravity_{method}")
-        options = script.build_parser().parse_args([])
+        options = script.build_parser().parse_args(["--coordinates", args.coordinates] if args.coordinates else [])
         if hasattr(flow, "resolve_coordinates"):  # older releases have one coordinate system, the box's
             flow.resolve_coordinates(options, problem)
         options = flow.resolve_defaults(options, init)
@@ -112,8 +116,9 @@ def main(argv=None):
     floor_ms = ms["floor"]
 
     what = "the mass ridge (density unknown)" if args.density_bounds else "the default problem (density known)"
+    coordinates = getattr(options, "coordinates", None) or "box"
     print(f"ms per training step, batch {args.batch}, {problem.n_stations} stations, {problem.dim} unknowns, "
-          f"{what}, start {init}; code {root}")
+          f"{what}, start {init}, {coordinates} coordinates; code {root}")
     print(f"{'':<18} {'ms/step':>8} {'x floor':>8}"
           + (f" {'compiled':>9} {'x floor':>8} {'first compiled step (s)':>24}" if args.compile else ""))
     print(f"{'floor':<18} {floor_ms:8.3f} {1.0:8.2f}")

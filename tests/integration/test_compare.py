@@ -97,6 +97,18 @@ def test_compile_reaches_every_flow_and_no_mcmc(tmp_path):
     assert "--compile" not in compare.method_argv(compare.parse_args([]), "planar", tmp_path)
 
 
+def test_coordinates_reach_every_flow_and_no_mcmc(tmp_path):
+    args = compare.parse_args(["--density-bounds", "1000", "4000", "--coordinates", "box"])
+    flow_argv = compare.method_argv(args, "coupling_NSF", tmp_path)
+    assert flow_argv[flow_argv.index("--coordinates") + 1] == "box"
+    assert "--coordinates" not in compare.method_argv(args, "MCMC", tmp_path)
+    assert "--coordinates" not in compare.method_argv(compare.parse_args([]), "planar", tmp_path)  # the scripts' own
+    with pytest.raises(compare.DataError, match="needs a free density"):
+        compare.parse_args(["--coordinates", "mass"])
+    with pytest.raises(compare.DataError, match="per-profile flow option"):
+        compare.parse_args(["--amortized", "--coordinates", "box"])
+
+
 def test_quick_comparison_of_the_free_density_writes_every_file(tmp_path, ridge_profile, figures_rendered_only_in):
     """The free density through compare.py: MCMC and one flow (every flow's run on the ridge is in
     test_ridge.py), on the suite's ridge profile."""
