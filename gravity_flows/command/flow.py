@@ -72,14 +72,14 @@ from gravity_flows.scoring.reference import score
 ANNEAL_FROM_PRIOR = 0.6
 
 #: The annealing's share from the prior in mass coordinates (``--coordinates mass``, the default with a free
-#: density), where the scripts' "mass" defaults also hold (1500-2000 iterations): there the ridge is a line
+#: density), where the scripts' "mass" defaults also hold (1500 iterations): there the ridge is a line
 #: along which the posterior is a tilted normal (``forward.MassBijection``), so q has far less to learn than in
 #: the box's coordinates (4000 iterations annealed over 60 %). Measured on the ridge (``--density-bounds 1000
 #: 4000``, the flow alone against the exact reference, seeds 0/1/2, 1500 iterations annealed over 30 %):
 #: planar 0.031/0.034/0.034, auto_Affine 0.022/0.025/0.028, auto_NSF 0.033/0.029/0.031, coupling_Affine
-#: 0.023/0.024/0.037, coupling_NSF (3 layers, unclipped) 0.044/0.029/0.039; Glow with 3 layers 0.025/0.050/0.025,
-#: at 2000 iterations 0.013/0.020/0.039. With a logit instead of the probit along the ridge coupling_Affine
-#: seed 2 ended at 0.21.
+#: 0.023/0.024/0.037, coupling_NSF (3 layers, unclipped) 0.044/0.029/0.039, Glow (4 steps) 0.023/0.047/0.027
+#: (Gravity_invertible_Affine.py). With a logit instead of the probit along the ridge coupling_Affine seed 2
+#: ended at 0.21.
 ANNEAL_FROM_PRIOR_MASS = 0.3
 
 #: From a Laplace start that already is the posterior, nearly, the default ``--iterations`` is at most

@@ -90,7 +90,7 @@ def test_mass_coordinates_are_the_ridge_default_and_bring_their_own_prior_defaul
     assert (spline.coordinates, spline.iterations, spline.flows, spline.clip_norm, spline.anneal) == \
         ("mass", 1500, 3, None, flow.ANNEAL_FROM_PRIOR_MASS)
     glow = resolved(Gravity_invertible_Affine, [], ridge, "prior")
-    assert (glow.iterations, glow.flows) == (2000, 3)
+    assert (glow.iterations, glow.flows) == (1500, 4)
     boxed = resolved(Gravity_coupling_NSF, ["--coordinates", "box"], ridge, "prior")
     assert (boxed.coordinates, boxed.iterations, boxed.flows, boxed.clip_norm, boxed.anneal) == \
         ("box", 4000, 5, 10.0, flow.ANNEAL_FROM_PRIOR)
