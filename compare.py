@@ -297,7 +297,7 @@ def time_per_iteration(methods, problem, laplace, device_name="cpu", iterations=
 
     device = flow.device_for(device_name)
     log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)
-    init = start.choose_start("auto", problem, laplace).init
+    init = start.choose_start("auto", problem, laplace, coordinates or forward.default_flow_coordinates(problem)).init
     models = {}
     for method in methods:
         script = _script(method)

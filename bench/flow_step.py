@@ -65,7 +65,11 @@ def main(argv=None):
     device = flow.device_for("cpu")  # one thread, as the scripts train
     problem = forward.synthetic_problem(density_bounds=args.density_bounds)
     laplace = forward.laplace_approximation(problem)
-    init = start.choose_start("auto", problem, laplace).init
+    if hasattr(flow, "resolve_coordinates"):  # older releases judge the start in the box's coordinates only
+        coordinates = args.coordinates or forward.default_flow_coordinates(problem)
+        init = start.choose_start("auto", problem, laplace, coordinates).init
+    else:
+        init = start.choose_start("auto", problem, laplace).init
     log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)
 
     def build(layers, options):

@@ -92,8 +92,12 @@ ANNEAL_FROM_PRIOR_MASS = 0.3
 #: - the unusual inputs (``bench/unusual_inputs.py``) at 1000 iterations: as good or better in the six
 #:   cases with ESS >= 99 % (0.010-0.020 against 0.015-0.024) and in ``sparse-irregular`` (84 %: 0.012-0.033
 #:   against 0.017-0.037), worse in ``outside-span`` (59 %: coupling affine 0.070 against 0.029, planar
-#:   0.115 against 0.080), where the flows have more to learn; so the limit leaves both at the long budget.
-CLOSE_LAPLACE_ESS = 0.9
+#:   0.115 against 0.080), where the flows have more to learn;
+#: - the mass ridge in mass coordinates (``--density-bounds 1000 4000``: the Laplace Gaussian there has ESS
+#:   88.5 %, KL 0.024 nats), all six flows, seeds 0/1/2: 1000 iterations 0.014-0.029, KL <= 0.003, where the
+#:   prior start's 1500 annealed iterations gave 0.022-0.050;
+#: so the limit, 0.9 until the mass coordinates, is 0.8: it leaves outside-span at the long budget.
+CLOSE_LAPLACE_ESS = 0.8
 CLOSE_LAPLACE_ITERATIONS = 1000
 
 
@@ -320,14 +324,19 @@ def run_flow_method(args, build_layers):
         timing = {}
         with cli.Timer() as loading:
             record, network, check = start_from_model(args, build_layers, device)
-        problem, out, laplace, reference = cli.setup_run(args, check=check, timing=timing)
+
+        def check_options(problem):  # before anything is written: the coordinates, and the model's profile
+            resolve_coordinates(args, problem)
+            if check is not None:
+                check(problem)
+
+        problem, out, laplace, reference = cli.setup_run(args, check=check_options, timing=timing)
         with cli.Timer() as choosing:
             if record is not None:
                 chosen, model = amortized_start(args, record, network, problem)
             else:
-                chosen = choose_start(args.init, problem, laplace)
+                chosen = choose_start(args.init, problem, laplace, args.coordinates)
         setup_seconds = cli.setup_seconds(timing, laplace, loading.seconds + choosing.seconds)
-        resolve_coordinates(args, problem)
         resolve_defaults(args, chosen.init, chosen.is_ess)
         names = forward.MassBijection.NAMES if args.coordinates == "mass" else problem.names
         centred = ([name for name, shift in zip(names, prior_centre(laplace, args.coordinates, problem.bounds))

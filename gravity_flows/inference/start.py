@@ -23,8 +23,10 @@ prior without judging (no likelihood evaluations).
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 import forward
+from gravity_flows.inference import vi
 from gravity_flows.scoring import diagnostics
 
 N_DRAWS = 4000
@@ -48,34 +50,43 @@ class Start:
                 "likelihood_evaluations": self.likelihood_evaluations}
 
 
-def laplace_log_weights(problem, laplace, n=N_DRAWS, seed=0):
-    """Draws of the Laplace Gaussian mapped onto the box, ``theta`` (n, dim), and their log weights p(d, theta) / q(theta)."""
+def laplace_log_weights(problem, laplace, n=N_DRAWS, seed=0, coordinates="box"):
+    """Draws of the Laplace Gaussian mapped onto the box, ``theta`` (n, dim), and their log weights p(d, theta) / q(theta).
+
+    The Gaussian is the one a flow in ``coordinates`` starts from (``vi.standardisation``): the fit itself in
+    the box's coordinates, the fit carried into them by the delta method in mass coordinates."""
     rng = np.random.default_rng(seed)
-    chol = np.linalg.cholesky(laplace.u_cov)
+    shift, chol = vi.standardisation("laplace", laplace, coordinates, problem.bounds)
     eps = rng.standard_normal((n, problem.dim))
-    u = laplace.u_map + eps @ chol.T
-    theta, dtheta_du = forward.to_box(problem, u)
+    u = shift + eps @ chol.T
     log_q_u = -0.5 * np.sum(eps**2, axis=1) - np.sum(np.log(np.diag(chol))) - 0.5 * problem.dim * np.log(2 * np.pi)
-    with np.errstate(divide="ignore"):  # dtheta/du underflows to 0 far in the tails: weight 0
-        log_jacobian = np.sum(np.log(dtheta_du), axis=1)
+    if coordinates == "box":
+        theta, dtheta_du = forward.to_box(problem, u)
+        with np.errstate(divide="ignore"):  # dtheta/du underflows to 0 far in the tails: weight 0
+            log_jacobian = np.sum(np.log(dtheta_du), axis=1)
+    else:
+        theta, log_jacobian = (value.numpy() for value in
+                               forward.flow_bijection(coordinates, problem.bounds).double()(torch.as_tensor(u)))
     inside = problem.inside(theta)
     log_joint = np.full(n, -np.inf)
     log_joint[inside] = problem.log_likelihood(theta[inside]) + problem.log_prior_density
     return theta, log_joint + log_jacobian - log_q_u
 
 
-def choose_start(init, problem, laplace):
-    """The :class:`Start` for ``--init`` (``auto``, ``laplace`` or ``prior``)."""
+def choose_start(init, problem, laplace, coordinates="box"):
+    """The :class:`Start` for ``--init`` (``auto``, ``laplace`` or ``prior``), judging the Laplace Gaussian in the
+    flows' ``coordinates`` (the random walk's start is judged in the box's: its Laplace start is the fit itself)."""
     if init != "auto":
         return Start(init, f"--init {init}")
     if laplace.weak:
         return Start("prior", f"the data barely constrain the body ({', '.join(laplace.barely_constrained)}): "
                               "the posterior is close to the prior, so start there")
-    _, log_weights = laplace_log_weights(problem, laplace)
+    _, log_weights = laplace_log_weights(problem, laplace, coordinates=coordinates)
     khat = float(diagnostics.psis_khat(log_weights))
     ess = float(diagnostics.importance_ess(log_weights))
     figures = f"importance k-hat {khat:.2f}, ESS {100 * ess:.1f} % of {N_DRAWS} draws against the posterior"
+    gaussian = "the Laplace Gaussian" + ("" if coordinates == "box" else f" in {coordinates} coordinates")
     if khat <= diagnostics.PSIS_KHAT_LIMIT and ess >= ESS_LIMIT:
-        return Start("laplace", f"the Laplace Gaussian describes the posterior ({figures})", khat, ess, N_DRAWS)
-    return Start("prior", f"the Laplace Gaussian misses much of the posterior ({figures}); starting from the prior",
+        return Start("laplace", f"{gaussian} describes the posterior ({figures})", khat, ess, N_DRAWS)
+    return Start("prior", f"{gaussian} misses much of the posterior ({figures}); starting from the prior",
                  khat, ess, N_DRAWS)

@@ -151,6 +151,8 @@ OPTION_CASES = [
     ("seed-negative", "Gravity_MCMC.py", ["--seed", "-1"], "argument --seed: must be ≥ 0"),
     ("seed-too-large", "Gravity_planar.py", ["--seed", str(2**64)], "argument --seed: must be ≤ 18446744073709551615"),
     ("init-unknown", "Gravity_MCMC.py", ["--init", "map"], "argument --init: invalid choice: 'map'"),
+    ("coordinates-mass-density-known", "Gravity_planar.py", ["--coordinates", "mass"],
+     "--coordinates mass needs a free density (--density-bounds LO HI)"),
 ]
 
 
