@@ -22,7 +22,7 @@ examples/profile.csv with the density free (x0 pressed on its bound 0):
     3, 1500             0.025/0.050/0.025
     3, 2000             0.013/0.020/0.039     0.063 (x0 1.11 times too wide)
     4, 2000             0.020/0.016/0.043     0.037
-    5, 1500             0.028/0.075/0.039
+    5, 1500             0.028/0.075/0.021   (seeds 0 and 2 with a prototype of the same map)
 
 Kingma, D. P. & Dhariwal, P. (2018). Glow: Generative flow with invertible 1x1 convolutions. NeurIPS.
 """

@@ -69,7 +69,7 @@ def main(argv=None):
         coordinates = args.coordinates or forward.default_flow_coordinates(problem)
         init = start.choose_start("auto", problem, laplace, coordinates).init
     else:
-        init = start.choose_start("auto", problem, laplace).init
+        coordinates, init = "box", start.choose_start("auto", problem, laplace).init
     log_likelihood = forward.TorchLikelihood(problem).to(device=device, dtype=torch.float64)
 
     def build(layers, options):
@@ -120,7 +120,6 @@ def main(argv=None):
     floor_ms = ms["floor"]
 
     what = "the mass ridge (density unknown)" if args.density_bounds else "the default problem (density known)"
-    coordinates = getattr(options, "coordinates", None) or "box"
     print(f"ms per training step, batch {args.batch}, {problem.n_stations} stations, {problem.dim} unknowns, "
           f"{what}, start {init}, {coordinates} coordinates; code {root}")
     print(f"{'':<18} {'ms/step':>8} {'x floor':>8}"

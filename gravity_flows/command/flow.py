@@ -78,8 +78,8 @@ ANNEAL_FROM_PRIOR = 0.6
 #: 4000``, the flow alone against the exact reference, seeds 0/1/2, 1500 iterations annealed over 30 %):
 #: planar 0.031/0.034/0.034, auto_Affine 0.022/0.025/0.028, auto_NSF 0.029/0.036/0.032, coupling_Affine
 #: 0.023/0.024/0.037, coupling_NSF (3 layers, unclipped) 0.038/0.031/0.050, Glow (4 steps) 0.023/0.047/0.027
-#: (Gravity_invertible_Affine.py). With a logit instead of the probit along the ridge coupling_Affine seed 2
-#: ended at 0.21.
+#: (Gravity_invertible_Affine.py). With a logit instead of the probit along the ridge (a prototype of the map)
+#: coupling_Affine seed 2 ended at 0.21.
 ANNEAL_FROM_PRIOR_MASS = 0.3
 
 #: From a Laplace start that already is the posterior, nearly, the default ``--iterations`` is at most
@@ -106,11 +106,6 @@ def _by_start(value):
     ``"mass"``: the prior start's default in mass coordinates (without it, the prior start's)."""
     value = value if isinstance(value, dict) else {"laplace": value, "prior": value}
     return {"mass": value["prior"], **value}
-
-
-def _start_key(init, coordinates):
-    """The key of a start-dependent default: "mass" from the prior in mass coordinates, else the start."""
-    return "mass" if init == "prior" and coordinates == "mass" else init
 
 
 #: The defaults of an amortized run (``--amortize``) unless a script gives its own (see amortized.py).
@@ -246,7 +241,7 @@ def resolve_defaults(args, init, laplace_is_ess=None):
     if init == "amortized":
         defaults = {**AMORTIZED_START, "flows": args.flows, "clip_norm": None}
     else:
-        key = _start_key(init, getattr(args, "coordinates", None))
+        key = "mass" if in_mass else init
         defaults = {name: by_start[key] for name, by_start in args.start_defaults.items()}
     if init == "laplace" and laplace_is_ess is not None and laplace_is_ess >= CLOSE_LAPLACE_ESS:
         defaults["iterations"] = min(defaults["iterations"], CLOSE_LAPLACE_ITERATIONS)

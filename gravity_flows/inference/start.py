@@ -60,13 +60,8 @@ def laplace_log_weights(problem, laplace, n=N_DRAWS, seed=0, coordinates="box"):
     eps = rng.standard_normal((n, problem.dim))
     u = shift + eps @ chol.T
     log_q_u = -0.5 * np.sum(eps**2, axis=1) - np.sum(np.log(np.diag(chol))) - 0.5 * problem.dim * np.log(2 * np.pi)
-    if coordinates == "box":
-        theta, dtheta_du = forward.to_box(problem, u)
-        with np.errstate(divide="ignore"):  # dtheta/du underflows to 0 far in the tails: weight 0
-            log_jacobian = np.sum(np.log(dtheta_du), axis=1)
-    else:
-        theta, log_jacobian = (value.numpy() for value in
-                               forward.flow_bijection(coordinates, problem.bounds).double()(torch.as_tensor(u)))
+    bijection = forward.flow_bijection(coordinates, problem.bounds).double()  # the flows' own map onto the box
+    theta, log_jacobian = (value.numpy() for value in bijection(torch.as_tensor(u)))
     inside = problem.inside(theta)
     log_joint = np.full(n, -np.inf)
     log_joint[inside] = problem.log_likelihood(theta[inside]) + problem.log_prior_density
